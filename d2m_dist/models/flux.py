@@ -1,0 +1,214 @@
+"""Loading the dense FLUX teacher through diffusers, and calling it.
+
+The architecture is diffusers' ``FluxTransformer2DModel``; nothing here forks
+FLUX's code. A teacher comes from a diffusers pipeline folder (its
+``transformer/`` subfolder is used), a transformer folder, or — for dry runs
+and parameter accounting — a config alone on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from diffusers import FluxTransformer2DModel
+
+from d2m_dist.config import ConfigError, TeacherConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# diffusers' config of black-forest-labs/FLUX.1-dev transformer/config.json
+FLUX1_DEV_CONFIG: Dict = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+
+class TeacherLoadError(ConfigError):
+    """The teacher path does not hold a loadable FLUX transformer."""
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_transformer_dir(path: str | Path) -> Path:
+    """The folder holding the transformer's ``config.json``.
+
+    Accepts a pipeline root (``model_index.json`` + ``transformer/``) or the
+    transformer folder itself. Raises :class:`TeacherLoadError` naming the path.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise TeacherLoadError(f"teacher not found: {p}")
+    if p.is_file():
+        raise TeacherLoadError(f"teacher {p}: expected a diffusers folder, got a file")
+    if (p / "model_index.json").is_file() or (p / "transformer").is_dir():
+        p = p / "transformer"
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise TeacherLoadError(f"teacher {p}: no config.json (not a diffusers model folder)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TeacherLoadError(f"teacher {cfg_file}: unreadable config ({exc.__class__.__name__})") from None
+    if cfg.get("_class_name") != "FluxTransformer2DModel":
+        raise TeacherLoadError(
+            f"teacher {cfg_file}: model class is {cfg.get('_class_name')!r}, not FluxTransformer2DModel"
+        )
+    return p
+
+
+def _check_weights(folder: Path) -> None:
+    """Open every safetensors file once so that a truncated file fails by name, fast."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise TeacherLoadError(f"teacher {folder}: no .safetensors weights")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        missing = sorted(w for w in wanted if not (folder / w).is_file())
+        if missing:
+            raise TeacherLoadError(f"teacher {folder}: missing weight shard {missing[0]}")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                keys = list(sf.keys())
+                if keys:  # the last tensor ends at the end of the file: a cheap truncation probe
+                    sf.get_slice(keys[-1])
+            size = f.stat().st_size
+            _check_safetensors_extent(f, size)
+        except TeacherLoadError:
+            raise
+        except Exception as exc:
+            raise TeacherLoadError(f"teacher weights {f}: unreadable ({str(exc).splitlines()[0]})") from None
+
+
+def _check_safetensors_extent(f: Path, size: int) -> None:
+    """The header promises byte ranges; a truncated file stops short of them."""
+    with open(f, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise TeacherLoadError(f"teacher weights {f}: truncated ({size} bytes, header needs {8 + header_len + end})")
+
+
+def load_flux_config(path: str | Path) -> Dict:
+    return dict(FluxTransformer2DModel.load_config(str(resolve_transformer_dir(path))))
+
+
+def build_flux(config: Dict, *, dtype: torch.dtype = torch.float32, meta: bool = False) -> FluxTransformer2DModel:
+    """An uninitialised-by-checkpoint FLUX transformer from a diffusers config dict."""
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    if meta:
+        with torch.device("meta"):
+            model = FluxTransformer2DModel.from_config(config)
+    else:
+        model = FluxTransformer2DModel.from_config(config)
+    return model.to(dtype=dtype)
+
+
+def load_teacher(cfg: TeacherConfig, *, meta: bool = False) -> FluxTransformer2DModel:
+    """The frozen dense teacher from ``cfg.path`` (eval mode, no grads)."""
+    dtype = parse_dtype(cfg.dtype)
+    folder = resolve_transformer_dir(cfg.path)
+    if meta:
+        model = build_flux(load_flux_config(folder), dtype=dtype, meta=True)
+    else:
+        _check_weights(folder)
+        try:
+            model = FluxTransformer2DModel.from_pretrained(str(folder), torch_dtype=dtype)
+        except Exception as exc:
+            raise TeacherLoadError(f"teacher {folder}: {str(exc).splitlines()[0]}") from None
+    model.eval().requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------- calling the model
+
+
+@dataclass
+class FluxInputs:
+    """One model call's inputs, already packed (diffusers' FLUX convention)."""
+
+    hidden_states: torch.Tensor  # [B, N_img, in_channels] packed latents (noisy)
+    encoder_hidden_states: torch.Tensor  # [B, N_txt, joint_attention_dim]
+    pooled_projections: torch.Tensor  # [B, pooled_projection_dim]
+    timestep: torch.Tensor  # [B] in [0, 1]
+    img_ids: torch.Tensor  # [N_img, 3]
+    txt_ids: torch.Tensor  # [N_txt, 3]
+    guidance: Optional[torch.Tensor] = None  # [B] when the model embeds guidance
+
+    def to(self, device=None, dtype=None) -> "FluxInputs":
+        def mv(t, float_cast=True):
+            if t is None:
+                return None
+            if dtype is not None and float_cast and t.is_floating_point():
+                t = t.to(dtype)
+            return t.to(device) if device is not None else t
+
+        return FluxInputs(
+            mv(self.hidden_states), mv(self.encoder_hidden_states), mv(self.pooled_projections),
+            mv(self.timestep, False), mv(self.img_ids, False), mv(self.txt_ids, False), mv(self.guidance, False),
+        )
+
+    def select(self, index: torch.Tensor) -> "FluxInputs":
+        """The sub-batch of samples ``index``."""
+        return FluxInputs(
+            self.hidden_states[index], self.encoder_hidden_states[index], self.pooled_projections[index],
+            self.timestep[index], self.img_ids, self.txt_ids,
+            None if self.guidance is None else self.guidance[index],
+        )
+
+
+def call_flux(model: torch.nn.Module, inputs: FluxInputs) -> torch.Tensor:
+    """The velocity prediction [B, N_img, out_channels]."""
+    return model(
+        hidden_states=inputs.hidden_states,
+        encoder_hidden_states=inputs.encoder_hidden_states,
+        pooled_projections=inputs.pooled_projections,
+        timestep=inputs.timestep,
+        img_ids=inputs.img_ids,
+        txt_ids=inputs.txt_ids,
+        guidance=inputs.guidance,
+        return_dict=False,
+    )[0]
+
+
+def latent_image_ids(height: int, width: int) -> torch.Tensor:
+    """Position ids of a packed latent grid of ``height x width`` tokens (diffusers' layout)."""
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = torch.arange(height)[:, None]
+    ids[..., 2] = torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C], FLUX's 2x2 patch packing."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent of ``height x width``."""
+    b, _, c4 = packed.shape
+    x = packed.view(b, height // 2, width // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c4 // 4, height, width)

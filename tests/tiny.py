@@ -1,0 +1,46 @@
+"""Tiny FLUX models and inputs shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from d2m_dist.models.flux import FluxInputs, build_flux, latent_image_ids
+
+TINY_CONFIG = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 16,
+    "axes_dims_rope": [4, 6, 6],
+    "guidance_embeds": True,
+    "in_channels": 16,
+    "joint_attention_dim": 24,
+    "num_attention_heads": 2,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "patch_size": 1,
+    "pooled_projection_dim": 12,
+}
+
+
+def tiny_flux(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    model = build_flux({**TINY_CONFIG, **overrides})
+    # diffusers zero-initialises nothing that matters here, but make every weight
+    # non-trivial so that a dropped neuron or bias shows up in outputs
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def tiny_inputs(batch: int = 3, h: int = 4, w: int = 4, txt: int = 5, seed: int = 1, config=None) -> FluxInputs:
+    cfg = {**TINY_CONFIG, **(config or {})}
+    g = torch.Generator().manual_seed(seed)
+    return FluxInputs(
+        hidden_states=torch.randn(batch, h * w, cfg["in_channels"], generator=g),
+        encoder_hidden_states=torch.randn(batch, txt, cfg["joint_attention_dim"], generator=g),
+        pooled_projections=torch.randn(batch, cfg["pooled_projection_dim"], generator=g),
+        timestep=torch.rand(batch, generator=g),
+        img_ids=latent_image_ids(h, w),
+        txt_ids=torch.zeros(txt, 3),
+        guidance=torch.full((batch,), 3.5),
+    )
