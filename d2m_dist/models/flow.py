@@ -27,10 +27,24 @@ class FlowBatch:
     img_ids: torch.Tensor  # [N_img, 3]
     txt_ids: torch.Tensor  # [N_txt, 3]
     guidance: Optional[torch.Tensor] = None  # [B]
+    # global position of this batch in its calibration/training sequence; seeds its
+    # noise so that the rank that happens to process it does not matter
+    index: Optional[int] = None
 
     @property
     def size(self) -> int:
         return self.latents.shape[0]
+
+    def to(self, device=None, dtype=None) -> "FlowBatch":
+        def mv(t):
+            if t is None:
+                return None
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            return t.to(device) if device is not None else t
+
+        return FlowBatch(mv(self.latents), mv(self.prompt_embeds), mv(self.pooled), self.img_ids.to(device),
+                         self.txt_ids.to(device), mv(self.guidance), self.index)
 
 
 def resolution_shift(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096,

@@ -36,6 +36,10 @@ FLUX1_DEV_CONFIG: Dict = {
 }
 
 
+# Architectures known by name, for dry runs without any file: ``teacher.path=meta:flux1-dev``.
+BUILTIN_CONFIGS: Dict[str, Dict] = {"meta:flux1-dev": FLUX1_DEV_CONFIG}
+
+
 class TeacherLoadError(ConfigError):
     """The teacher path does not hold a loadable FLUX transformer."""
 
@@ -111,6 +115,8 @@ def _check_safetensors_extent(f: Path, size: int) -> None:
 
 
 def load_flux_config(path: str | Path) -> Dict:
+    if str(path) in BUILTIN_CONFIGS:
+        return dict(BUILTIN_CONFIGS[str(path)])
     return dict(FluxTransformer2DModel.load_config(str(resolve_transformer_dir(path))))
 
 
@@ -122,12 +128,17 @@ def build_flux(config: Dict, *, dtype: torch.dtype = torch.float32, meta: bool =
             model = FluxTransformer2DModel.from_config(config)
     else:
         model = FluxTransformer2DModel.from_config(config)
-    return model.to(dtype=dtype)
+    # from_config builds fp32; casting only when asked avoids diffusers' cast warning
+    return model if dtype == torch.float32 else model.to(dtype=dtype)
 
 
 def load_teacher(cfg: TeacherConfig, *, meta: bool = False) -> FluxTransformer2DModel:
     """The frozen dense teacher from ``cfg.path`` (eval mode, no grads)."""
     dtype = parse_dtype(cfg.dtype)
+    if str(cfg.path) in BUILTIN_CONFIGS:
+        if not meta:
+            raise TeacherLoadError(f"teacher {cfg.path} is an architecture without weights: usable for dry runs only")
+        return build_flux(load_flux_config(cfg.path), dtype=dtype, meta=True).eval().requires_grad_(False)
     folder = resolve_transformer_dir(cfg.path)
     if meta:
         model = build_flux(load_flux_config(folder), dtype=dtype, meta=True)

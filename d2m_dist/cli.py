@@ -1,0 +1,112 @@
+"""``d2m <verb>``: the command line. Thin: parse, load the config, call the library.
+
+Every user error (bad config, missing file, invalid spec...) ends as one line
+``d2m: error: ...`` on stderr and exit status 2, before work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from d2m_dist.config import ConfigError, ConvertConfig, load_config
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank} %(name)s] %(message)s", datefmt="%H:%M:%S")
+    # megatron-core announces its optional backends at INFO on import
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def _init_distributed_if_launched() -> None:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def cmd_convert(args) -> int:
+    from d2m_dist.convert.pipeline import run_convert
+
+    cfg = load_config(ConvertConfig, args.config, args.overrides)
+    _init_distributed_if_launched()
+    out = run_convert(cfg)
+    if out is not None:
+        print(f"student written to {out}")
+    return 0
+
+
+def cmd_params(args) -> int:
+    """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
+    from d2m_dist.models.accounting import dense_ffn_params, moe_param_report
+    from d2m_dist.models.flux import load_teacher
+    from d2m_dist.models.mob import apply_mob
+    from d2m_dist.models.spec import select_sites
+    from d2m_dist.models.surgery import convert_to_moe
+
+    overrides = list(args.overrides)
+    if not any(o.startswith("output=") for o in overrides):
+        overrides.append("output=dry-run")
+    cfg = load_config(ConvertConfig, args.config, overrides)
+    teacher = load_teacher(cfg.teacher, meta=True)
+    from d2m_dist.models.accounting import count
+
+    dense_total, dense_ffn = count(teacher), dense_ffn_params(teacher)
+    c = teacher.config
+    specs = select_sites(cfg.moe, c.num_layers, c.num_single_layers)
+    student = apply_mob(convert_to_moe(teacher, specs, cfg.moe), cfg.mob)
+    rep = moe_param_report(student)
+    if args.json:
+        print(json.dumps({"dense_total": dense_total, "dense_ffn": dense_ffn, **rep.as_dict()}, indent=2))
+    else:
+        print(f"dense teacher               {dense_total / 1e9:.3f}B (FFN {dense_ffn / 1e9:.3f}B)")
+        for line in rep.lines():
+            print(line)
+        print(f"activated FFN share         {rep.ffn_activated / dense_ffn:.2%} of dense FFN")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="d2m", description="Dense2MoE distillation for FLUX")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def with_config(name: str, help: str, func):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--config", help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+        sp.set_defaults(func=func)
+        return sp
+
+    with_config("convert", "stage 0: dense teacher -> MoE student folder", cmd_convert)
+    sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
+    sp.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"d2m: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("d2m: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Quality measures: the digits classifier score of generated images."""
