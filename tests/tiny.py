@@ -44,3 +44,15 @@ def tiny_inputs(batch: int = 3, h: int = 4, w: int = 4, txt: int = 5, seed: int 
         txt_ids=torch.zeros(txt, 3),
         guidance=torch.full((batch,), 3.5),
     )
+
+
+def save_tiny_teacher(root, seed: int = 0, **overrides):
+    """A tiny FLUX teacher saved as a diffusers pipeline root (transformer/ + model_index.json)."""
+    import json
+    from pathlib import Path
+
+    root = Path(root)
+    model = tiny_flux(seed, **overrides)
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    return model

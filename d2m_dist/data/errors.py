@@ -137,8 +137,9 @@ class SkipHandler:
     swallowing a ``TypeError`` from our own code would turn a bug into silently
     missing data.
 
-    ``on_truncated`` is called with no argument when a shard turns out to be cut
-    off, so the stream can drop the half-read sample that webdataset would flush.
+    ``on_truncated()`` is called when a shard turns out to be cut off, so the
+    stream can drop the half-read sample that webdataset would flush; it returns
+    False when that shard was already reported.
     ``quiet`` silences warnings (not counts) while a resumed stream regenerates
     batches that an earlier run already consumed and reported.
     """
@@ -154,8 +155,10 @@ class SkipHandler:
         reason = classify(exn)
         if reason is None:
             raise exn
-        if reason == TRUNCATED_TAR and self.on_truncated is not None:
-            self.on_truncated()
+        # webdataset may report one cut-off shard twice (once from reading the
+        # member, once from the next header): count the shard once.
+        if reason == TRUNCATED_TAR and self.on_truncated is not None and not self.on_truncated():
+            return True
         n = self.counter.add(reason)
         if not self.quiet and (n <= self.warn_limit or _is_power_of_ten(n)):
             more = " (further warnings for this reason are rate-limited)" if n == self.warn_limit else ""

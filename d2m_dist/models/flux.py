@@ -91,24 +91,25 @@ def _check_weights(folder: Path) -> None:
         if missing:
             raise TeacherLoadError(f"teacher {folder}: missing weight shard {missing[0]}")
     for f in files:
+        _check_safetensors_extent(f)
         try:
             with safe_open(str(f), framework="pt") as sf:
-                keys = list(sf.keys())
-                if keys:  # the last tensor ends at the end of the file: a cheap truncation probe
-                    sf.get_slice(keys[-1])
-            size = f.stat().st_size
-            _check_safetensors_extent(f, size)
-        except TeacherLoadError:
-            raise
+                sf.keys()
         except Exception as exc:
             raise TeacherLoadError(f"teacher weights {f}: unreadable ({str(exc).splitlines()[0]})") from None
 
 
-def _check_safetensors_extent(f: Path, size: int) -> None:
+def _check_safetensors_extent(f: Path) -> None:
     """The header promises byte ranges; a truncated file stops short of them."""
-    with open(f, "rb") as fh:
-        header_len = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(header_len))
+    size = f.stat().st_size
+    try:
+        with open(f, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if 8 + header_len > size:
+                raise ValueError
+            header = json.loads(fh.read(header_len))
+    except (ValueError, UnicodeDecodeError):
+        raise TeacherLoadError(f"teacher weights {f}: truncated or not safetensors (bad header)") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise TeacherLoadError(f"teacher weights {f}: truncated ({size} bytes, header needs {8 + header_len + end})")

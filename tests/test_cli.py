@@ -1,0 +1,99 @@
+"""`d2m convert`: happy path and bad input (one line, non-zero exit, nothing left behind)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from d2m_dist.cli import main
+from tests.tiny import save_tiny_teacher
+
+BASE = ["moe.spec=1S4E2A", "calibration.num_batches=2", "calibration.batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    save_tiny_teacher(root)
+    return root
+
+
+def run(capsys, *args):
+    rc = main(["convert", *args])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def test_convert_writes_a_student(tmp_path, teacher_dir, capsys):
+    rc, err = run(capsys, f"teacher.path={teacher_dir}", f"output={tmp_path / 'out'}", *BASE)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "d2m_config.json").read_text())["site_specs"]["single.1.mlp"] == "1S4E2A"
+
+
+def test_convert_with_config_file_subprocess(tmp_path, teacher_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"teacher:\n  path: {teacher_dir}\nmoe:\n  spec: 1S4E1A\n  sites: single\ncalibration:\n  num_batches: 1\noutput: {tmp_path / 'o'}\n")
+    p = subprocess.run([sys.executable, "-m", "d2m_dist.cli", "convert", "--config", str(cfg)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
+def _truncated_teacher(tmp_path, teacher_dir):
+    import shutil
+
+    bad = tmp_path / "trunc"
+    shutil.copytree(teacher_dir, bad)
+    f = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return bad
+
+
+def _non_flux_teacher(tmp_path, teacher_dir):
+    bad = tmp_path / "unet"
+    (bad).mkdir()
+    (bad / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    return bad
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("spec", "moe spec '1X4E2A'"),
+        ("indivisible", "does not divide into 5 experts"),
+        ("missing_teacher", "teacher not found"),
+        ("unknown_key", "moe.bogus: Key 'bogus' not in"),
+        ("wrong_type", "calibration.num_batches"),
+        ("truncated", "truncated"),
+        ("non_flux", "not FluxTransformer2DModel"),
+        ("strategy", "partition.strategy"),
+    ],
+)
+def test_bad_input_one_line_error_no_output(tmp_path, teacher_dir, capsys, case, expect):
+    out = tmp_path / "out"
+    args = [f"teacher.path={teacher_dir}", f"output={out}", *BASE]
+    extra = {
+        "spec": ["moe.spec=1X4E2A"],
+        "indivisible": ["moe.spec=1S5E2A"],
+        "missing_teacher": [f"teacher.path={tmp_path / 'nope'}"],
+        "unknown_key": ["moe.bogus=1"],
+        "wrong_type": ["calibration.num_batches=many"],
+        "truncated": [f"teacher.path={_truncated_teacher(tmp_path, teacher_dir)}"] if case == "truncated" else [],
+        "non_flux": [f"teacher.path={_non_flux_teacher(tmp_path, teacher_dir)}"] if case == "non_flux" else [],
+        "strategy": ["partition.strategy=kmeans"],
+    }[case]
+    rc, err = run(capsys, *args, *extra)
+    assert rc == 2
+    lines = [l for l in err.splitlines() if l.startswith("d2m: error:")]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_is_not_touched(tmp_path, teacher_dir, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, err = run(capsys, f"teacher.path={teacher_dir}", f"output={out}", *BASE)
+    assert rc == 2 and "already exists" in err
+    assert (out / "keep.txt").read_text() == "mine"
