@@ -70,3 +70,16 @@ def test_group_last_blocks():
     student = apply_mob(tiny_flux(num_single_layers=5), MoBConfig(enabled=True, single=MoBGroupConfig(first=1, last=4, m=2, kappa=1)))
     assert group_last_blocks(student, "single_transformer_blocks") == [0, 2, 4]
     assert sum(isinstance(e, MoBGroup) for e in student.single_transformer_blocks) == 2
+
+
+def test_compute_falls_with_kappa():
+    from d2m_dist.bench.common import flops
+
+    teacher = tiny_flux(num_layers=1, num_single_layers=4)
+    x = tiny_inputs(batch=8)
+    counts = []
+    for kappa in (4, 2, 1):
+        student = apply_mob(copy.deepcopy(teacher), MoBConfig(enabled=True, single=MoBGroupConfig(m=4, kappa=kappa), gate="one"))
+        with torch.no_grad():
+            counts.append(flops(lambda: call_flux(student, x)))
+    assert counts[0] > counts[1] > counts[2]
