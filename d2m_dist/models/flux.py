@@ -116,8 +116,15 @@ def _check_safetensors_extent(f: Path) -> None:
 
 
 def load_flux_config(path: str | Path) -> Dict:
+    """A diffusers FLUX config from a built-in name, a config.json file or a model folder."""
     if str(path) in BUILTIN_CONFIGS:
         return dict(BUILTIN_CONFIGS[str(path)])
+    p = Path(path)
+    if p.is_file() and p.suffix == ".json":
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as exc:
+            raise TeacherLoadError(f"teacher config {p}: invalid JSON ({exc.msg})") from None
     return dict(FluxTransformer2DModel.load_config(str(resolve_transformer_dir(path))))
 
 
@@ -140,6 +147,10 @@ def load_teacher(cfg: TeacherConfig, *, meta: bool = False) -> FluxTransformer2D
         if not meta:
             raise TeacherLoadError(f"teacher {cfg.path} is an architecture without weights: usable for dry runs only")
         return build_flux(load_flux_config(cfg.path), dtype=dtype, meta=True).eval().requires_grad_(False)
+    if Path(cfg.path).is_file():
+        model = _load_single_file(cfg, dtype, meta)
+        model.eval().requires_grad_(False)
+        return model
     folder = resolve_transformer_dir(cfg.path)
     if meta:
         model = build_flux(load_flux_config(folder), dtype=dtype, meta=True)
@@ -150,6 +161,28 @@ def load_teacher(cfg: TeacherConfig, *, meta: bool = False) -> FluxTransformer2D
         except Exception as exc:
             raise TeacherLoadError(f"teacher {folder}: {str(exc).splitlines()[0]}") from None
     model.eval().requires_grad_(False)
+    return model
+
+
+def _load_single_file(cfg: TeacherConfig, dtype: torch.dtype, meta: bool) -> FluxTransformer2DModel:
+    """An original-layout single-file checkpoint (``flux1-dev.safetensors``)."""
+    from d2m_dist.models.flux_single_file import infer_config, original_to_diffusers, read_original_checkpoint
+
+    path = Path(cfg.path)
+    if path.suffix != ".safetensors":
+        raise TeacherLoadError(f"teacher {path}: a single-file teacher must be .safetensors")
+    sd = original_to_diffusers(read_original_checkpoint(path, meta=meta))
+    config = load_flux_config(cfg.config) if cfg.config else infer_config(sd)
+    model = build_flux(config, dtype=dtype, meta=True)
+    if meta:
+        return model
+    try:
+        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise TeacherLoadError(f"teacher {path}: checkpoint does not match its FLUX config ({str(exc).splitlines()[-1].strip()})") from None
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise TeacherLoadError(f"teacher {path}: checkpoint does not match its FLUX config ({what}, ...)")
     return model
 
 
