@@ -99,6 +99,8 @@ class RawImageFormat(SampleFormat):
                 width, height = im.size
                 orientation = im.getexif().get(0x0112, 1)
         except _PIL_ERRORS as exn:
+            if _png_declares_no_pixels(data):  # PIL refuses a 0x0 PNG instead of opening it
+                raise SkipSample(EMPTY_IMAGE, f"{ext} header declares 0 pixels", key, url) from None
             raise SkipSample(NOT_AN_IMAGE, f"{ext}: {exn}", key, url) from None
         if width == 0 or height == 0:
             raise SkipSample(EMPTY_IMAGE, f"{ext} is {width}x{height}", key, url)
@@ -154,9 +156,8 @@ class PrecomputedFormat(SampleFormat):
             raise SkipSample(BAD_ARRAY, str(exn), key, url) from None
         meta = _json_member(sample)
         size = meta.get("original_size") or [meta.get("height", -1), meta.get("width", -1)]
-        return Prepared(
-            key, shapes, caption_of(sample) or "", (int(size[0]), int(size[1])), {k: sample[k] for k in PRECOMPUTED_KEYS}
-        )
+        members = {k: sample[k] for k in PRECOMPUTED_KEYS}
+        return Prepared(key, shapes, caption_of(sample) or "", (int(size[0]), int(size[1])), members)
 
     def collate(self, items, handler):
         arrays: Dict[str, List[np.ndarray]] = {k: [] for k in PRECOMPUTED_KEYS}
@@ -217,6 +218,14 @@ def npy_shape(data: bytes) -> Tuple[int, ...]:
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     shape, _, _ = reader(f)
     return tuple(shape)
+
+
+def _png_declares_no_pixels(data: bytes) -> bool:
+    """A PNG whose IHDR chunk says width or height 0."""
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24 or data[12:16] != b"IHDR":
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width == 0 or height == 0
 
 
 def _json_member(sample: Dict[str, Any]) -> Dict[str, Any]:

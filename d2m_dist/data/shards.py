@@ -3,9 +3,9 @@
 Every source is first *scanned* into a list of :class:`SourceRecord` without
 touching the output: a missing folder, an unreadable table or an empty input is a
 :class:`DataError` and nothing is created. Only then are shards written, each to
-a temporary name and renamed when complete; the manifest is written last, so a
-folder with a manifest is a finished one. If writing fails part-way, everything
-this call created is removed again.
+a hidden temporary name; when all are complete they are renamed to their final
+names and the manifest is written last, so a folder with a manifest is a
+finished one. If writing fails part-way, everything this call created is removed.
 
 Shard names are ``{prefix}-{index:06d}.tar``; the set is returned as a brace
 pattern (``train-{000000..000012}.tar``) that the training stream expands.
@@ -29,7 +29,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 import webdataset as wds
 
@@ -123,7 +123,8 @@ def scan_folder(folder: str | os.PathLike, skips: Optional[SkipCounter] = None) 
             skips.add(MISSING_CAPTION)
             log.warning("skipped %s: %s has no .txt or .json caption", MISSING_CAPTION, img)
             continue
-        records.append(SourceRecord(caption, path=img, ext=IMAGE_EXTENSIONS[img.suffix.lower()], meta={**meta, "source": rel}))
+        ext = IMAGE_EXTENSIONS[img.suffix.lower()]
+        records.append(SourceRecord(caption, path=img, ext=ext, meta={**meta, "source": rel}))
     if not records:
         raise DataError(f"no images with captions found in {root}")
     return records
@@ -180,14 +181,17 @@ def scan_digits(limit: Optional[int] = None) -> List[SourceRecord]:
         buf = io.BytesIO()
         Image.fromarray(images[i], mode="L").save(buf, format="PNG")
         label = int(labels[i])
-        records.append(SourceRecord(digit_caption(label), data=buf.getvalue(), ext="png", meta={"label": label, "source": f"digits/{i}"}))
+        meta = {"label": label, "source": f"digits/{i}"}
+        records.append(SourceRecord(digit_caption(label), data=buf.getvalue(), ext="png", meta=meta))
     return records
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def write_shards(records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips: Optional[SkipCounter] = None) -> ShardManifest:
+def write_shards(
+    records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips: Optional[SkipCounter] = None
+) -> ShardManifest:
     """Write ``records`` as shards under ``cfg.out_dir``; returns (and saves) the manifest."""
     if cfg.max_samples < 1 or cfg.max_bytes < 1:
         raise DataError(f"max_samples ({cfg.max_samples}) and max_bytes ({cfg.max_bytes}) must be positive")
@@ -210,7 +214,12 @@ def write_shards(records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips:
         writer.close()
         if not writer.shards:
             raise DataError(f"no samples could be written to {out} (all skipped: {skips.as_dict()})")
-        # only now drop shards of an earlier run that this one did not overwrite
+        # Everything is written: replace the earlier set, if any. Its manifest goes
+        # first, so that an interruption here leaves a folder without a manifest
+        # (unfinished) rather than a manifest that lies.
+        manifest_path = out / (cfg.prefix + MANIFEST_SUFFIX)
+        manifest_path.unlink(missing_ok=True)
+        writer.commit()
         names = {s.name for s in writer.shards}
         for old in stale:
             if old.name not in names:
@@ -223,7 +232,7 @@ def write_shards(records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips:
             total_bytes=sum(s.bytes for s in writer.shards),
             skipped=skips.as_dict(),
         )
-        _atomic_write_text(out / (cfg.prefix + MANIFEST_SUFFIX), json.dumps(manifest.to_json(), indent=1))
+        _atomic_write_text(manifest_path, json.dumps(manifest.to_json(), indent=1))
     except BaseException:
         writer.abort()
         if created_dir:
@@ -238,12 +247,10 @@ def make_shards(source: str, cfg: ShardWriterConfig) -> ShardManifest:
     skips = SkipCounter()
     if source == "digits":
         records = scan_digits(cfg.limit)
-    elif Path(source).is_dir():
-        records = scan_folder(source, skips)
-    elif Path(source).suffix.lower() in (".csv", ".jsonl", ".parquet"):
+    elif Path(source).suffix.lower() in (".csv", ".jsonl", ".parquet") and not Path(source).is_dir():
         records = scan_table(source, skips)
     else:
-        raise DataError(f"source {source}: not 'digits', an existing folder, or a .csv/.jsonl/.parquet file")
+        records = scan_folder(source, skips)  # a DataError naming the path if it is no folder
     return write_shards(records, cfg, skips)
 
 
@@ -270,15 +277,19 @@ def shard_name(prefix: str, index: int) -> str:
 
 
 class _RotatingWriter:
-    """wds.TarWriter into temp files, renamed when a shard is full or at the end.
+    """wds.TarWriter into hidden temp files, renamed to their final names by :meth:`commit`.
 
     Not wds.ShardWriter: it decides to rotate *after* a shard already reached its
     size, so shards overshoot max_bytes by up to one sample; here the limit holds.
+    Renaming only once every shard is complete means a failure part-way (or an
+    interrupted overwrite) never mixes new shards into a folder's old set.
     """
 
     def __init__(self, out: Path, cfg: ShardWriterConfig):
         self.out, self.cfg = out, cfg
         self.shards: List[ShardInfo] = []
+        self._done: List[Path] = []  # temp files of finished shards, parallel to self.shards
+        self._committed = 0  # how many of them carry their final name
         self._tar: Optional[wds.TarWriter] = None
         self._tmp: Optional[Path] = None
         self._count = self._payload = 0
@@ -303,26 +314,31 @@ class _RotatingWriter:
         if self._tar is not None:
             self._finish()
 
+    def commit(self) -> None:
+        """Rename every finished shard to its final name (atomic per file on one filesystem)."""
+        for tmp, info in zip(self._done[self._committed :], self.shards[self._committed :]):
+            os.replace(tmp, self.out / info.name)
+            self._committed += 1
+
     def abort(self) -> None:
-        """Remove the shard in progress and every shard this writer renamed into place."""
+        """Remove the shard in progress and every shard of this writer, renamed or not."""
         if self._tar is not None:
             self._tar.close()
             self._tar = None
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
-        for s in self.shards:
-            (self.out / s.name).unlink(missing_ok=True)
-        self.shards = []
+        for i, (tmp, info) in enumerate(zip(self._done, self.shards)):
+            (self.out / info.name if i < self._committed else tmp).unlink(missing_ok=True)
+        self.shards, self._done, self._tmp, self._committed = [], [], None, 0
 
     def _finish(self) -> None:
         assert self._tar is not None and self._tmp is not None
         self._tar.close()
         self._tar = None
         name = shard_name(self.cfg.prefix, len(self.shards))
-        final = self.out / name
-        os.replace(self._tmp, final)  # atomic on one filesystem: readers never see half a shard
+        self.shards.append(ShardInfo(name, self._count, self._tmp.stat().st_size, self._payload))
+        self._done.append(self._tmp)
         self._tmp = None
-        self.shards.append(ShardInfo(name, self._count, final.stat().st_size, self._payload))
         self._count = self._payload = 0
 
 
@@ -411,7 +427,8 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exn:
-        raise DataError(f"table {path} is unreadable: {str(exn).splitlines()[0] if str(exn) else type(exn).__name__}") from None
+        first_line = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
+        raise DataError(f"table {path} is unreadable: {first_line}") from None
     raise DataError(f"table {path}: unknown format (use .csv, .jsonl or .parquet)")
 
 
