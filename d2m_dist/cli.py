@@ -77,6 +77,42 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_shards_make(args) -> int:
+    from d2m_dist.data.errors import DataError
+    from d2m_dist.data.shards import ShardWriterConfig, make_shards
+
+    cfg = load_config(ShardWriterConfig, args.config, args.overrides)
+    try:
+        manifest = make_shards(args.source, cfg)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards: {manifest.url}")
+    return 0
+
+
+def cmd_precompute(args) -> int:
+    from d2m_dist.data.errors import DataError
+    from d2m_dist.data.precompute import PrecomputeConfig, precompute
+
+    try:
+        cfg = load_config(PrecomputeConfig, args.config, args.overrides)
+        _init_distributed_if_launched()
+        result = precompute(cfg)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        m = result.manifest
+        print(f"{m.total_samples} samples in {len(m.shards)} precomputed shards ({len(result.written)} encoded now, "
+              f"{result.reused} already done): {m.url}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from d2m_dist.bench.runner import run_benchmark
+
+    return run_benchmark(args.name, args.overrides, out=args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="d2m", description="Dense2MoE distillation for FLUX")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -91,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("convert", "stage 0: dense teacher -> MoE student folder", cmd_convert)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
+
+    shards = sub.add_parser("shards", help="webdataset shards").add_subparsers(dest="shards_verb", required=True)
+    sp = shards.add_parser("make", help="write shards from a folder, a CSV/JSONL/parquet table, or 'digits'")
+    sp.add_argument("source", help="image folder, table file, or 'digits'")
+    sp.add_argument("--config", help="YAML ShardWriterConfig")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out_dir=data/digits max_samples=256")
+    sp.set_defaults(func=cmd_shards_make)
+
+    with_config("precompute", "encode raw shards once: VAE latents + text embeddings (torchrun: N ranks)",
+                cmd_precompute)
+
+    sp = sub.add_parser("bench", help="benchmarks (docs/BENCHMARKS.md)")
+    sp.add_argument("name", help="mob | partition")
+    sp.add_argument("overrides", nargs="*", help="key=value settings of the benchmark")
+    sp.add_argument("--out", help="also append the markdown table to this file")
+    sp.set_defaults(func=cmd_bench)
     return p
 
 

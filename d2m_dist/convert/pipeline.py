@@ -161,4 +161,4 @@ def calibration_batches(model_config, cfg: ConvertConfig) -> Iterable[FlowBatch]
         return random_batches(model_config, cfg)
     from d2m_dist.convert.digits_calibration import digits_batches
 
-    return digits_batches(model_config, cfg.calibration)
+    return digits_batches(cfg.teacher.path, cfg.calibration)

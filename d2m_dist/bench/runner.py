@@ -1,0 +1,73 @@
+"""``d2m bench NAME [key=value ...]``: run one benchmark, print (and optionally append) its table."""
+
+from __future__ import annotations
+
+import datetime
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from d2m_dist.bench.common import machine, table
+from d2m_dist.config import ConfigError
+
+
+def _kv(overrides: Sequence[str]) -> Dict[str, str]:
+    out = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"benchmark setting '{item}' is not key=value")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def _bench_mob(kv: Dict[str, str]):
+    from d2m_dist.bench import mob
+
+    rows = mob.run(m=int(kv.pop("m", 4)), batch=int(kv.pop("batch", 16)), repeats=int(kv.pop("repeats", 7)))
+    return rows, ["kappa", "m", "GFLOPs", "FLOPs vs kappa=m", "median ms", "time vs kappa=m"]
+
+
+def _bench_partition(kv: Dict[str, str]):
+    from d2m_dist.bench import partition
+    from d2m_dist.config import CalibrationConfig
+    from d2m_dist.convert.digits_calibration import digits_batches
+
+    teacher = kv.pop("teacher", None)
+    tmp = None
+    if teacher is None:  # a fresh digits teacher (about a minute on 2 cores)
+        from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
+
+        tmp = tempfile.TemporaryDirectory(prefix="d2m-bench-teacher-")
+        teacher = tmp.name
+        pretrain_teacher(PretrainConfig(), teacher, eval_per_digit=10)
+    calib = list(digits_batches(teacher, CalibrationConfig(num_batches=int(kv.pop("calib_batches", 16)), batch_size=32, seed=0)))
+    held = list(digits_batches(teacher, CalibrationConfig(num_batches=8, batch_size=32, seed=12345)))
+    rows = partition.run(teacher, calib, held, spec=kv.pop("spec", "1S12E2A"), top_k=int(kv.pop("k", 2)))
+    if tmp:
+        tmp.cleanup()
+    return rows, ["strategy", "spec", "k", "ffn rel err", "velocity rel err"]
+
+
+BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition}
+
+
+def run_benchmark(name: str, overrides: Sequence[str], out: Optional[str] = None) -> int:
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark '{name}' (one of {', '.join(BENCHMARKS)})")
+    kv = _kv(overrides)
+    rows, columns = BENCHMARKS[name](kv)
+    if kv:
+        raise ConfigError(f"unknown setting(s) for benchmark {name}: {', '.join(kv)}")
+    text = "\n".join([
+        f"### {name} ({datetime.date.today()}, {machine()})",
+        f"`d2m bench {name} {' '.join(overrides)}`".replace(" `", "`"),
+        "",
+        table(rows, columns),
+        "",
+    ])
+    print(text)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(text + "\n")
+    return 0
