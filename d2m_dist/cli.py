@@ -47,6 +47,14 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from d2m_dist.config import StageConfig
+    from d2m_dist.distill.trainer import run_stage
+
+    cfg = load_config(StageConfig, args.config, args.overrides)
+    return run_stage(cfg)
+
+
 def cmd_params(args) -> int:
     """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
     from d2m_dist.models.accounting import dense_ffn_params, moe_param_report
@@ -125,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("convert", "stage 0: dense teacher -> MoE student folder", cmd_convert)
+    with_config("train", "stages 1-3: distil the student from the frozen teacher (DeepSpeed)", cmd_train)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
 
