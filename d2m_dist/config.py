@@ -180,3 +180,102 @@ def to_dict(cfg: Any) -> dict:
 def choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------- stages 1-3
+
+
+@dataclass
+class TrainDataConfig:
+    # digits: the embedded set, encoded in-process (captions through the offline text encoder);
+    # shards: precomputed webdataset shards (d2m precompute), streamed by d2m_dist.data.stream
+    source: str = "digits"
+    urls: Optional[str] = None
+    batch_size: int = 16  # per rank, per micro-step
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    decay: str = "cosine"  # cosine | linear | constant, after warmup
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    # ZeRO stage of the student; None: 3 for stage 1 (no routed experts), 2 with experts
+    zero_stage: Optional[int] = None
+    # the frozen teacher: plain (replicated) or a ZeRO-3 inference engine
+    teacher_zero3: bool = False
+    teacher_offload: bool = False  # ZeRO-3 offload_param to CPU
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0: only at the end and on signals
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    wandb: bool = True
+    project: str = "d2m"
+    sample_every: int = 0  # teacher/student sample grid every N steps (0: only at the end)
+    sample_count: int = 10
+    progress: bool = True
+
+
+@dataclass
+class LossConfig:
+    output: float = 1.0
+    feature: float = 1.0
+    balance: float = 1e-2
+    group: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    stage: int = MISSING  # 1 | 2 | 3
+    run_dir: str = MISSING  # runs/<name>; this stage writes <run_dir>/stage<N>/
+    init: str = MISSING  # student folder: stage-0 output or the previous stage's export
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    steps: int = 100
+    seed: int = 0
+    # parameter groups that train; empty: the stage's default
+    # (1: shared experts and output biases; 2: routed experts and routers; 3: MoB routers)
+    trainable: List[str] = field(default_factory=list)
+    top_k: Optional[int] = None  # None: stage 1 uses 0 (shared only), later stages the spec's k
+    mob: MoBConfig = field(default_factory=MoBConfig)  # stage 3: groups to add if the student has none
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: Optional[float] = None  # EMA decay of the student's trainable weights
+    max_bad_steps: int = 5  # NaN/inf losses in a row before a diagnostic checkpoint and exit
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"
+
+    def validate(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ConfigError(f"stage: {self.stage} is not 1, 2 or 3")
+        choice("precision", self.precision, ("auto", "fp32", "bf16"))
+        choice("data.source", self.data.source, ("digits", "shards"))
+        choice("optim.decay", self.optim.decay, ("cosine", "linear", "constant"))
+        if self.steps < 1:
+            raise ConfigError("steps must be >= 1")
+        if self.parallel.ep_size < 1:
+            raise ConfigError("parallel.ep_size must be >= 1")
+        if self.data.source == "shards" and not self.data.urls:
+            raise ConfigError("data.urls must name the shards when data.source=shards")

@@ -40,20 +40,20 @@ CARD_FILE = "d2m_teacher.json"  # how the teacher was trained and must be called
 
 @dataclass
 class PretrainConfig:
-    # architecture (defaults: ~0.35M parameters, trains to >0.95 digit accuracy in about a minute on 2 cores)
+    # architecture (defaults: 0.38M parameters; about 45 s on 2 idle cores to ~0.96 digit accuracy, 1.0 with CFG 2)
     num_layers: int = 1  # double-stream blocks
     num_single_layers: int = 2
     num_attention_heads: int = 2
     attention_head_dim: int = 32
     axes_dims_rope: List[int] = field(default_factory=lambda: [8, 12, 12])  # must sum to attention_head_dim
     # optimisation
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995  # a ~200-step horizon: short runs keep little of their early weights
     seed: int = 0
     # conditioning
     caption_dropout: float = 0.1

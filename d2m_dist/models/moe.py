@@ -133,6 +133,9 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = capacity_factor
         # unit_gates: every routed expert on with gate 1 (dense-equivalence checks)
         self.unit_gates = False
+        # balance_group: the data-parallel group whose token counts define the load-balance
+        # loss (the global batch's balance, so N ranks optimise what one rank would)
+        self.balance_group = None
         self.ep_group = ep_group
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
@@ -202,9 +205,7 @@ class MoEFeedForward(nn.Module):
         self.tokens_per_expert = tokens_per_expert.detach()
         if not self.unit_gates:
             scores = torch.softmax(logits, dim=-1)
-            self.aux_loss = mu.switch_load_balancing_loss_func(
-                scores, tokens_per_expert, x2.shape[0], self.top_k, self.num_experts, 1.0
-            )
+            self.aux_loss = self._balance_loss(scores, tokens_per_expert)
             if self.z_loss_coeff:
                 self.z_loss = mu.z_loss_func(logits, self.z_loss_coeff)
             with torch.no_grad():
@@ -213,6 +214,18 @@ class MoEFeedForward(nn.Module):
         out = self._run_experts(permuted, tokens_per_expert)
         out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
         return mu.unpermute(out, sorted_indices, restore_shape=x2.shape)
+
+    def _balance_loss(self, scores: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Switch loss ``n * sum_i f_i P_i``; f from the balance group's counts when one is set."""
+        t = scores.shape[0]
+        if self.balance_group is None or dist.get_world_size(self.balance_group) == 1:
+            return mu.switch_load_balancing_loss_func(scores, tokens_per_expert, t, self.top_k, self.num_experts, 1.0)
+        counts = tokens_per_expert.detach().to(torch.float32)
+        dist.all_reduce(counts, group=self.balance_group)
+        f = counts / counts.sum().clamp_min(1)  # fraction of the global batch's assignments
+        # P from this rank's tokens: the mean over equal-sized ranks is the global P, and
+        # DeepSpeed averages gradients over ranks, so N ranks train on the global loss
+        return self.num_experts * torch.sum(f * scores.mean(0))
 
     def _run_experts(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by global expert id in, expert outputs in the same order out."""

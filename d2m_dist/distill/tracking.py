@@ -1,0 +1,51 @@
+"""Experiment tracking: wandb on rank 0, offline unless the user chose otherwise.
+
+The run id is created once per stage directory and stored there, so a resumed
+or requeued job logs into the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+class Tracker:
+    def __init__(self, stage_dir: Path, project: str, name: str, config: Dict[str, Any], enabled: bool, is_main: bool):
+        self.run = None
+        id_file = stage_dir / "wandb_run_id"
+        if is_main:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            if not id_file.is_file():
+                id_file.write_text(uuid.uuid4().hex[:12] + "\n")
+        self.run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if not (enabled and is_main):
+            return
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.run = wandb.init(project=project, name=name, id=self.run_id, resume="allow", config=config,
+                              dir=str(stage_dir), reinit="finish_previous")
+
+    def log(self, metrics: Dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def read_run_id(stage_dir: Path) -> Optional[str]:
+    f = stage_dir / "wandb_run_id"
+    return f.read_text().strip() if f.is_file() else None

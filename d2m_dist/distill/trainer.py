@@ -1,0 +1,342 @@
+"""The stage trainer (stages 1-3): student under DeepSpeed, frozen teacher, distillation losses.
+
+One class for every stage; the stage's config decides what trains, which losses
+apply, and the parallel layout (DESIGN.md): stage 1 under ZeRO-3, stages 2-3
+with expert parallelism plus ZeRO-2; the teacher plain or as a ZeRO-3 inference
+engine (optionally offloaded to CPU).
+
+Order of work: everything a user can get wrong is checked before the first
+expensive step (init folder, teacher/student agreement, ep_size and world size);
+then the engine is built, the latest checkpoint (if any) loaded, and the loop
+runs until ``steps``, a signal, or too many non-finite losses in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from d2m_dist.ckpt.checkpoint import CheckpointDir, rng_state, set_rng_state
+from d2m_dist.config import ConfigError, StageConfig, to_dict
+from d2m_dist.distill import losses as L
+from d2m_dist.distill.batches import DigitsBatches
+from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
+from d2m_dist.distill.stages import set_trainable, stage_top_k, stage_trainable
+from d2m_dist.distill.taps import tapped
+from d2m_dist.distill.tracking import Tracker
+from d2m_dist.models.flux import call_flux, load_flux_config, load_teacher
+from d2m_dist.models.mob import apply_mob, mob_groups
+from d2m_dist.models.moe import moe_layers, set_top_k
+from d2m_dist.models.portable import StudentMeta, load_student
+from d2m_dist.models.spec import MoESpec
+from d2m_dist.parallel import deepspeed_setup as dss
+from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
+
+log = logging.getLogger("d2m_dist.train")
+
+EXIT_OK = 0
+EXIT_PREEMPTED = 3  # checkpoint written after SIGTERM/SIGUSR1: run the same command to resume
+EXIT_DIVERGED = 4  # too many non-finite losses in a row: a diagnostic checkpoint was written
+
+ARCH_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+             "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "patch_size")
+
+
+# ----------------------------------------------------------------------------- checks before any work
+
+
+def check_inputs(cfg: StageConfig, world: int) -> StudentMeta:
+    init = Path(cfg.init)
+    if not init.is_dir():
+        raise ConfigError(f"init: student folder {init} not found (run the previous stage first)")
+    meta = StudentMeta.read(init)
+    teacher_cfg = load_flux_config(cfg.teacher.path)
+    for key in ARCH_KEYS:
+        a, b = teacher_cfg.get(key), meta.base_model.get(key)
+        if a is not None and b is not None and a != b:
+            raise ConfigError(f"teacher {cfg.teacher.path} and student {init} disagree on {key}: {a} vs {b}")
+    ep = cfg.parallel.ep_size
+    if world % ep:
+        raise ConfigError(f"parallel.ep_size={ep} does not divide the world size {world}")
+    for site, text in meta.site_specs.items():
+        n = MoESpec.parse(text).num_experts
+        if n % ep:
+            raise ConfigError(f"parallel.ep_size={ep} does not divide the {n} experts of site {site}")
+    if cfg.stage == 3 and not meta.mob.get("enabled") and not cfg.mob.enabled:
+        raise ConfigError("stage 3 needs Mixture-of-Blocks groups: set mob.enabled=true and mob.double/mob.single")
+    return meta
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class StageTrainer:
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.device)
+        self.meta = check_inputs(cfg, self.info.world)
+        self.stage_dir = Path(cfg.run_dir) / f"stage{cfg.stage}"
+        self.device = self.info.device
+        torch.manual_seed(cfg.seed)
+
+        self.ep_group = ep_group = dss.expert_group(cfg.parallel.ep_size)
+        student = load_student(cfg.init, ep_group=ep_group)
+        if cfg.stage == 3 and not mob_groups(student):
+            apply_mob(student, cfg.mob)
+        spec_k = max(MoESpec.parse(s).top_k for s in self.meta.site_specs.values())
+        set_top_k(student, stage_top_k(cfg, spec_k))
+        self.trainable = stage_trainable(cfg)
+        n_train = set_trainable(student, self.trainable)
+        if self.info.world > 1:  # the global batch's expert balance (see MoEFeedForward.balance_group)
+            for _, layer in moe_layers(student):
+                layer.balance_group = dist.group.WORLD
+        self.engine = dss.student_engine(student.to(self.device), cfg, self.info)
+        self.student = self.engine.module
+        self.teacher = self._build_teacher()
+        self.batches = DigitsBatches(cfg.teacher.path, cfg.data.batch_size, self.info.rank, self.info.world,
+                                     cfg.data.seed)
+        self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
+        self.step = 0
+        self.bad_in_row = 0
+        self.skipped_steps = 0
+        self.history: Dict[str, list] = {"loss": []}
+        self.last_load: Dict[str, Dict[str, float]] = {}
+        self._signal = None
+        self._resume()
+        self.tracker = Tracker(self.stage_dir, cfg.log.project, f"stage{cfg.stage}", to_dict(cfg),
+                               cfg.log.wandb, self.info.is_main)
+        log.info("stage %d: %s trainable parameters (%s), world %d, ep_size %d, start step %d",
+                 cfg.stage, f"{n_train:,}", "+".join(self.trainable), self.info.world, cfg.parallel.ep_size, self.step)
+
+    # -- setup pieces ----------------------------------------------------------------
+
+    def _build_teacher(self):
+        teacher = load_teacher(self.cfg.teacher)
+        if self.cfg.parallel.teacher_zero3:
+            return dss.teacher_engine(teacher, self.cfg, self.info)
+        return teacher.to(self.device)
+
+    def _resume(self) -> None:
+        client = self.ckpt.load(self.engine)
+        if client is None:
+            return
+        self.step = int(client["step"])
+        self.skipped_steps = int(client.get("skipped_steps", 0))
+        self.history = client.get("history", self.history)
+        self.last_load = client.get("last_load", {})
+        set_rng_state(client["rng"][self.info.rank] if isinstance(client["rng"], list) else client["rng"])
+        self.batches.load_state_dict(client.get("data", {}))
+        log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
+
+    def _client_state(self) -> Dict:
+        rngs = [None] * self.info.world
+        if dist.is_initialized() and self.info.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history, "rng": rngs,
+                "data": self.batches.state_dict(), "last_load": self.last_load, "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None}
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum
+        log.warning("received signal %d: checkpointing at the end of this step", signum)
+
+    # -- one step --------------------------------------------------------------------
+
+    def _losses(self, inputs, target) -> Dict[str, torch.Tensor]:
+        w = self.cfg.loss
+        with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats:
+            t_out = call_flux(self.teacher, inputs)
+        with tapped(self.student, detach=False) as s_feats:
+            s_out = call_flux(self.engine, inputs)
+        out: Dict[str, torch.Tensor] = {}
+        out["output"] = L.output_loss(s_out, t_out)
+        total = w.output * out["output"]
+        if self.cfg.stage in (1, 2) and w.feature:
+            out["feature"] = L.block_feature_loss(s_feats, t_feats, out["output"])  # global stats over WORLD
+            total = total + w.feature * out["feature"]
+        if self.cfg.stage == 3 and w.group:
+            keys = [k for k, _ in _group_keys(self.student)]
+            out["group"] = L.group_feature_loss(s_feats, t_feats, keys)
+            total = total + w.group * out["group"]
+        bal = L.balance_loss(m.aux_loss for _, m in moe_layers(self.student))
+        if bal is not None and w.balance and ("experts" in self.trainable or "routers" in self.trainable):
+            out["balance"] = bal
+            total = total + w.balance * bal
+        z = [m.z_loss for _, m in moe_layers(self.student) if m.z_loss is not None]
+        if z:
+            out["z"] = torch.stack(z).sum()
+            total = total + out["z"]
+        with torch.no_grad():
+            out["teacher_flow"] = torch.mean((t_out.float() - target.to(t_out.device).float()) ** 2)
+        out["total"] = total
+        return out
+
+    def _teacher_module(self):
+        return getattr(self.teacher, "module", self.teacher)
+
+    def train_step(self) -> Optional[Dict[str, float]]:
+        """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite loss)."""
+        accum = self.cfg.optim.grad_accum
+        values: Dict[str, float] = {}
+        t_data = t_fwd = 0.0
+        for micro in range(accum):
+            t0 = time.perf_counter()
+            inputs, target = self.batches.get(self.step * accum + micro)
+            inputs = inputs.to(self.device, dtype=self._dtype())
+            t1 = time.perf_counter()
+            out = self._losses(inputs, target)
+            finite = bool(torch.isfinite(out["total"]).item())
+            if any_true(not finite, self.device):
+                self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else None
+                return None
+            self.engine.backward(out["total"])
+            self.engine.step()
+            t_fwd += time.perf_counter() - t1
+            t_data += t1 - t0
+            for k, v in _mean_over_ranks(out).items():
+                values[k] = values.get(k, 0.0) + v / accum
+        values["time/data"], values["time/fwd_bwd_step"] = t_data, t_fwd
+        return values
+
+    def _dtype(self):
+        return torch.bfloat16 if dss.use_bf16(self.cfg, self.info) else torch.float32
+
+    # -- the loop --------------------------------------------------------------------
+
+    def train(self) -> int:
+        cfg = self.cfg
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        bar = None
+        if self.info.is_main and cfg.log.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+        samples_per_step = cfg.data.batch_size * self.info.world * cfg.optim.grad_accum
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                values = self.train_step()
+                if values is None:
+                    self.skipped_steps += 1
+                    self.bad_in_row += 1
+                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.bad_in_row)
+                    if self.bad_in_row >= cfg.max_bad_steps:
+                        self.ckpt.root = self.stage_dir / "diagnostic"
+                        self.ckpt.save(self.engine, self.step, self._client_state())
+                        log.error("%d non-finite losses in a row: diagnostic checkpoint in %s", self.bad_in_row,
+                                  self.ckpt.root)
+                        return EXIT_DIVERGED
+                    continue
+                self.bad_in_row = 0
+                self.step += 1
+                self.history["loss"].append(values["total"])
+                dt = time.perf_counter() - t0
+                if self.step % max(1, cfg.log.every) == 0 or self.step == cfg.steps:
+                    self._log(values, dt, samples_per_step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['total']:.4f}", img_s=f"{samples_per_step / dt:.0f}")
+                stop = any_true(self._signal is not None, self.device)
+                periodic = cfg.ckpt.every and self.step % cfg.ckpt.every == 0
+                if stop or periodic or self.step == cfg.steps:
+                    self.ckpt.save(self.engine, self.step, self._client_state())
+                if stop:
+                    log.warning("stopped by signal at step %d; run the same command to resume", self.step)
+                    return EXIT_PREEMPTED
+            return EXIT_OK
+        finally:
+            if bar is not None:
+                bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.tracker.finish()
+
+    def _log(self, values: Dict[str, float], dt: float, samples_per_step: int) -> None:
+        load = expert_load(self.student, self.device)  # collective: every rank logs at the same steps
+        self.last_load = load
+        metrics = {f"loss/{k}": v for k, v in values.items() if not k.startswith("time/")}
+        metrics.update({k: v for k, v in values.items() if k.startswith("time/")})
+        metrics.update(flatten_metrics(load, block_usage(self.student)))
+        metrics["images_per_s"] = samples_per_step / dt
+        metrics["lr"] = self.engine.get_lr()[0]
+        metrics["skipped_steps"] = self.skipped_steps
+        if torch.cuda.is_available():
+            metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.last_metrics = metrics
+        self.tracker.log(metrics, self.step)
+        if self.info.is_main:
+            log.info("step %d/%d loss %.6f %s", self.step, self.cfg.steps, values["total"],
+                     " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total",) and not k.startswith("time/")))
+
+    # -- results ---------------------------------------------------------------------
+
+    def summary(self) -> Dict:
+        load = getattr(self, "last_load", {})
+        return {
+            "stage": self.cfg.stage, "step": self.step, "skipped_steps": self.skipped_steps,
+            "first_loss": self.history["loss"][0] if self.history["loss"] else None,
+            "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
+            "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},
+            "wandb_run_id": self.tracker.run_id,
+        }
+
+
+def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Loss values averaged over data-parallel ranks: the global batch's losses."""
+    keys = sorted(out)
+    t = torch.stack([out[k].detach().float().reshape(()) for k in keys]).double()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return {k: float(v) for k, v in zip(keys, t)}
+
+
+def export_student(trainer: "StageTrainer") -> Optional[Path]:
+    """Write the trained student in the portable format to ``<stage_dir>/export`` (the next stage's init)."""
+    from d2m_dist.models.portable import write_student
+
+    sd = dss.gather_full_state_dict(trainer.student, trainer.ep_group)
+    if not trainer.info.is_main:
+        return None
+    meta = trainer.meta
+    mob = to_dict(trainer.cfg.mob) if trainer.cfg.stage == 3 and not meta.mob.get("enabled") else meta.mob
+    out_meta = StudentMeta(meta.base_model, meta.moe, meta.site_specs, mob, meta.dtype,
+                           {**meta.extra, "stage": trainer.cfg.stage, "step": trainer.step})
+    from d2m_dist.models.portable import read_provenance
+
+    try:
+        provenance = read_provenance(trainer.cfg.init)
+    except ConfigError:
+        provenance = None
+    return write_student(trainer.stage_dir / "export", sd, out_meta, provenance, overwrite=True)
+
+
+def _group_keys(model):
+    from d2m_dist.distill.taps import tap_points
+    from d2m_dist.models.mob import MoBGroup
+
+    return [(k, m) for k, m in tap_points(model) if isinstance(m, MoBGroup)]
+
+
+def run_stage(cfg: StageConfig) -> int:
+    trainer = StageTrainer(cfg)
+    code = trainer.train()
+    if code == EXIT_OK:
+        export_student(trainer)
+    if trainer.info.is_main:
+        trainer.stage_dir.mkdir(parents=True, exist_ok=True)
+        (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=_nan_safe))
+    return code
+
+
+def _nan_safe(x):
+    return None if isinstance(x, float) and math.isnan(x) else str(x)

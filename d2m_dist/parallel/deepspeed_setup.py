@@ -1,0 +1,201 @@
+"""DeepSpeed engines for the student (ZeRO-2/3, expert parallelism) and the frozen teacher (ZeRO-3).
+
+Expert parallelism with our own MoE layer (docs/DECISIONS.md has the evidence):
+
+1. the expert-parallel groups are DeepSpeed's own ``ep_size_<n>`` groups, created
+   before the student is built because our layer needs its group at construction;
+2. DeepSpeed recognises MoE layers only by ``isinstance(m, deepspeed.moe.layer.MoE)``,
+   so each MoE layer becomes a :class:`DeepSpeedMoEFeedForward` — our layer with
+   DeepSpeed's MoE class as a marker base (its ``__init__`` never runs) and the
+   attributes the engine reads; expert parameters carry ``allreduce=False`` and
+   their group name, so ZeRO reduces them only inside their expert-data-parallel group;
+3. state-dict hooks present the stacked experts as DeepSpeed's per-expert modules,
+   so ``save_checkpoint`` writes one file per *global* expert id;
+4. frozen parameters are left out of checkpoints (DeepSpeed would store rank 0's
+   copy of frozen experts for every rank); they come back from the init weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from d2m_dist.config import StageConfig
+from d2m_dist.models.moe import MoEFeedForward
+from d2m_dist.parallel.dist import DistInfo
+
+EXPERT_WEIGHTS = ("w1", "b1", "w2")
+DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
+
+
+def expert_group(ep_size: int):
+    """DeepSpeed's expert-parallel group for ``ep_size`` (created on first use); None for ep_size 1."""
+    if ep_size == 1:
+        return None
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name)
+
+
+def _marker_class():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class DeepSpeedMoEFeedForward(DeepSpeedMoE, MoEFeedForward):
+        """Our MoE layer as DeepSpeed's engine sees it (see module docstring)."""
+
+        forward = MoEFeedForward.forward
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            # the engine calls this on every MoE layer; our groups exist already (expert_group)
+            if use_data_before_expert_parallel_:
+                raise ValueError("d2m builds expert groups with the expert-then-data layout")
+
+    return DeepSpeedMoEFeedForward
+
+
+def _split_experts(module, state_dict, prefix, local_metadata):
+    for w in EXPERT_WEIGHTS:
+        key = f"{prefix}experts.{w}"
+        if key in state_dict:
+            stacked = state_dict.pop(key)
+            for j in range(stacked.shape[0]):
+                state_dict[f"{prefix}{DS_EXPERT_PREFIX}{j}.{w}"] = stacked[j]
+
+
+def _stack_experts(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    for w in EXPERT_WEIGHTS:
+        keys = [f"{prefix}{DS_EXPERT_PREFIX}{j}.{w}" for j in range(module.experts.num_local)]
+        if all(k in state_dict for k in keys):
+            state_dict[f"{prefix}experts.{w}"] = torch.stack([state_dict.pop(k) for k in keys])
+
+
+def adopt_moe_layers(model: nn.Module, ep_size: int) -> None:
+    """Make every MoE layer of ``model`` an expert-parallel layer DeepSpeed manages (ep_size > 1)."""
+    if ep_size == 1:
+        return
+    cls = _marker_class()
+    name = f"ep_size_{ep_size}"
+    for m in model.modules():
+        if isinstance(m, MoEFeedForward) and not isinstance(m, cls):
+            m.__class__ = cls  # same instance and parameters; only DeepSpeed's view changes
+            m.expert_group_name = name
+            m.num_local_experts = m.experts.num_local
+            m.enable_expert_tensor_parallelism = False
+            m.use_residual = False
+            for p in m.experts.parameters():
+                p.allreduce = False
+                p.group_name = name
+            m.register_state_dict_post_hook(_split_experts)
+            m.register_load_state_dict_pre_hook(_stack_experts)
+
+
+def use_bf16(cfg: StageConfig, info: DistInfo) -> bool:
+    if cfg.precision == "auto":
+        return info.device.type == "cuda"
+    return cfg.precision == "bf16"
+
+
+def lr_lambda(cfg: StageConfig):
+    o, total = cfg.optim, cfg.steps
+
+    def fn(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        if o.decay == "linear":
+            return 1.0 - (1.0 - o.min_lr_ratio) * progress
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def zero_stage(cfg: StageConfig) -> int:
+    if cfg.parallel.zero_stage is not None:
+        return cfg.parallel.zero_stage
+    return 3 if cfg.stage == 1 else 2
+
+
+def student_config(cfg: StageConfig, info: DistInfo) -> Dict:
+    stage = zero_stage(cfg)
+    zero: Dict = {"stage": stage}
+    if stage in (1, 2):
+        # DeepSpeed's MoE support in ZeRO-1/2 requires both
+        zero.update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if use_bf16(cfg, info):
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    adopt_moe_layers(model, cfg.parallel.ep_size)
+    o = cfg.optim
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": trainable, "name": "dense", "lr": o.lr, "weight_decay": o.weight_decay}]
+    if cfg.parallel.ep_size > 1:
+        groups = split_params_into_different_moe_groups_for_optimizer(groups[0])
+        groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=student_config(cfg, info))
+    return engine
+
+
+def teacher_engine(teacher: nn.Module, cfg: StageConfig, info: DistInfo):
+    """The frozen teacher as a ZeRO-3 inference engine (no optimizer), params offloadable to CPU."""
+    import deepspeed
+
+    zero: Dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if cfg.parallel.teacher_offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": info.device.type == "cuda"}
+    ds: Dict = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "zero_optimization": zero,
+                "steps_per_print": 10**9}
+    if use_bf16(cfg, info):
+        ds["bf16"] = {"enabled": True}
+    teacher.requires_grad_(False).eval()
+    engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds)
+    engine.eval()
+    return engine
+
+
+def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict[str, torch.Tensor]:
+    """The student's weights with every expert stack complete (global ids), on CPU; collective under EP."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params = list(model.named_parameters())
+    # ZeRO-3 holds partitions: gather each full tensor (a no-op for ZeRO-1/2); clone, because
+    # ZeRO's flat buffers make parameters share storage, which safetensors refuses
+    with deepspeed.zero.GatheredParameters([p for _, p in params]):
+        sd = {n: p.detach().clone().cpu() for n, p in params}
+    sd.update({n: b.detach().clone().cpu() for n, b in model.named_buffers()})
+    if ep_group is None:
+        return sd
+    ep = dist.get_world_size(ep_group)
+    for name, m in model.named_modules():
+        if isinstance(m, MoEFeedForward) and m.experts.num_local != m.num_experts:
+            for w in EXPERT_WEIGHTS:
+                local = getattr(m.experts, w).detach().contiguous()
+                parts = [torch.empty_like(local) for _ in range(ep)]
+                dist.all_gather(parts, local, group=ep_group)
+                sd[f"{name}.experts.{w}"] = torch.cat(parts).cpu()
+    return sd
