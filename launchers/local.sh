@@ -21,5 +21,18 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 export LOCAL_SIZE=$NPROC   # DeepSpeed's CPU shared-memory op needs it under torchrun
 port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-exec "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC" --master_port "$port" \
-  -m d2m_dist.cli "${VERB:-train}" --config "$config" "$@"
+# torchrun turns any worker's non-zero exit into 1; the trainer writes its own code here
+# (0 done, 3 stopped by a signal and resumable, 4 diverged) and we exit with it
+export D2M_STATUS_FILE=$(mktemp)
+trap 'rm -f "$D2M_STATUS_FILE"' EXIT
+"$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$NPROC" --master_port "$port" \
+  -m d2m_dist.cli "${VERB:-train}" --config "$config" "$@" &
+pid=$!
+trap 'kill -TERM $pid 2>/dev/null' TERM INT
+# torchrun does not handle USR1 (it would die of it): the trainer treats TERM the same
+trap 'kill -TERM $pid 2>/dev/null' USR1
+rc=0
+wait $pid || rc=$?
+if [ $rc -ge 128 ]; then wait $pid || rc=$?; fi  # a trapped signal interrupted wait: wait for the real end
+code=$(cat "$D2M_STATUS_FILE" 2>/dev/null || true)
+exit "${code:-$rc}"

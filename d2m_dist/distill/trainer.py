@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -81,8 +82,9 @@ def check_inputs(cfg: StageConfig, world: int) -> StudentMeta:
 class StageTrainer:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
+        # user errors first: before process groups, DeepSpeed or any weights
+        self.meta = check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.info: DistInfo = init_distributed(cfg.device)
-        self.meta = check_inputs(cfg, self.info.world)
         self.stage_dir = Path(cfg.run_dir) / f"stage{cfg.stage}"
         self.device = self.info.device
         torch.manual_seed(cfg.seed)
@@ -239,6 +241,9 @@ class StageTrainer:
                 self.bad_in_row = 0
                 self.step += 1
                 self.history["loss"].append(values["total"])
+                for k, v in values.items():
+                    if not k.startswith("time/") and k != "total":
+                        self.history.setdefault(k, []).append(v)
                 dt = time.perf_counter() - t0
                 if self.step % max(1, cfg.log.every) == 0 or self.step == cfg.steps:
                     self._log(values, dt, samples_per_step)
@@ -287,6 +292,7 @@ class StageTrainer:
             "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},
             "wandb_run_id": self.tracker.run_id,
+            "history": self.history,
         }
 
 
@@ -333,6 +339,10 @@ def run_stage(cfg: StageConfig) -> int:
     if code == EXIT_OK:
         export_student(trainer)
     if trainer.info.is_main:
+        # torchrun reports any failing worker as exit 1; launchers read the real outcome here
+        status = os.environ.get("D2M_STATUS_FILE")
+        if status:
+            Path(status).write_text(f"{code}\n")
         trainer.stage_dir.mkdir(parents=True, exist_ok=True)
         (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=_nan_safe))
     return code

@@ -1,0 +1,33 @@
+"""Shared fixtures: a small digits teacher and its stage-0 student, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A 0.35M-parameter FLUX-architecture teacher trained briefly on the digits, in diffusers format."""
+    from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain, save_teacher
+
+    root = tmp_path_factory.mktemp("digits_teacher")
+    cfg = PretrainConfig(steps=60, batch_size=32, progress=False)
+    save_teacher(pretrain(cfg).ema, root, cfg)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_student(digits_teacher, tmp_path_factory):
+    """Its stage-0 student at 1S4E2A on every site (Taylor-contiguous, digits calibration)."""
+    from d2m_dist.config import CalibrationConfig, ConvertConfig, MoEConfig, TeacherConfig
+    from d2m_dist.convert.pipeline import run_convert
+
+    out = tmp_path_factory.mktemp("stage0") / "student"
+    cfg = ConvertConfig(teacher=TeacherConfig(path=str(digits_teacher)), moe=MoEConfig(spec="1S4E2A"),
+                        calibration=CalibrationConfig(source="digits", num_batches=2, batch_size=16), output=str(out))
+    return run_convert(cfg)

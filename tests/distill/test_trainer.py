@@ -1,0 +1,191 @@
+"""The stage trainer end to end, through launchers/local.sh (torchrun, gloo, DeepSpeed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2m_dist.cli import main
+from d2m_dist.models.portable import read_state_dict
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.multiproc
+
+
+def stage_config(tmp_path: Path, teacher, init, stage=2, **extra) -> Path:
+    lines = [f"stage: {stage}", f"run_dir: {tmp_path / 'run'}", f"init: {init}", f"teacher:\n  path: {teacher}",
+             "log:\n  every: 1\n  progress: false\n  wandb: true", "ckpt:\n  every: 0\n  keep: 2"]
+    for k, v in extra.items():
+        lines.append(f"{k}: {v}")
+    f = tmp_path / f"stage{stage}.yaml"
+    f.write_text("\n".join(lines) + "\n")
+    return f
+
+
+def launch(config: Path, nproc: int, *overrides: str, wait=True, **popen):
+    env = {**os.environ, "NPROC": str(nproc), "PYTHON": sys.executable}
+    cmd = ["bash", str(REPO / "launchers" / "local.sh"), str(config), *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def summary(run_dir: Path, stage=2) -> dict:
+    return json.loads((run_dir / f"stage{stage}" / "summary.json").read_text())
+
+
+def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
+    common = ["steps=5", "optim.lr=1e-3", "optim.grad_clip=0.5", "parallel.ep_size={ep}", "data.batch_size={bs}"]
+    runs = {}
+    for nproc, ep, bs in ((1, 1, 8), (2, 2, 4)):  # same global batch of 8
+        d = tmp_path / f"n{nproc}"
+        d.mkdir()
+        cfg = stage_config(d, digits_teacher, digits_student)
+        p = launch(cfg, nproc, *[c.format(ep=ep, bs=bs) for c in common])
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[nproc] = (summary(d / "run"), read_state_dict(d / "run" / "stage2" / "export"))
+    (s1, w1), (s2, w2) = runs[1], runs[2]
+    for term in ("loss", "output", "feature", "balance"):
+        assert len(s1["history"][term]) == 5
+        torch.testing.assert_close(torch.tensor(s2["history"][term]), torch.tensor(s1["history"][term]),
+                                   rtol=1e-5, atol=1e-6, msg=term)
+    experts = [k for k in w1 if ".experts." in k or k.endswith("router.weight")]
+    assert experts
+    # Adam turns float-rounding-sized gradient differences of near-zero gradients into
+    # per-element differences of a few 1e-6 (updates are lr=1e-3 sized): compare at 1e-5
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    # the routed experts did train
+    init = read_state_dict(digits_student)
+    assert any(not torch.equal(w1[k], init[k]) for k in experts)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path, digits_teacher, digits_student):
+    steps = ["steps=24", "parallel.ep_size=2", "data.batch_size=4", "ckpt.every=5"]
+    full = tmp_path / "full"
+    full.mkdir()
+    p = launch(stage_config(full, digits_teacher, digits_student), 2, *steps)
+    assert p.returncode == 0, p.stdout[-3000:]
+
+    part = tmp_path / "part"
+    part.mkdir()
+    cfg = stage_config(part, digits_teacher, digits_student)
+    proc = launch(cfg, 2, *steps, wait=False, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 8/24" in line:
+            os.killpg(proc.pid, signal.SIGTERM)  # as Slurm does: the whole job step
+            break
+    out = "".join(seen) + proc.stdout.read()
+    assert proc.wait(timeout=300) == 3, out[-3000:]  # stopped early, resumable
+    assert "stopped by signal" in out, out[-3000:]
+    latest = (part / "run" / "stage2" / "checkpoints" / "latest").read_text().strip()
+    assert latest != "step_24"
+    p = launch(cfg, 2, *steps)  # the same command again resumes
+    assert p.returncode == 0, p.stdout[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+
+    a, b = summary(full / "run"), summary(part / "run")
+    assert a["history"] == b["history"]  # identical loss sequence, bitwise
+    wa, wb = read_state_dict(full / "run" / "stage2" / "export"), read_state_dict(part / "run" / "stage2" / "export")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the resumed run logged into the run it started
+    assert b["wandb_run_id"] == (part / "run" / "stage2" / "wandb_run_id").read_text().strip()
+
+
+def test_nan_losses_skip_then_stop_with_diagnostic_checkpoint(tmp_path, digits_teacher, digits_student):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan_teacher"
+    shutil.copytree(digits_teacher, bad)
+    f = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    sd = load_file(str(f))
+    sd["proj_out.bias"][0] = float("nan")
+    save_file(sd, str(f))
+    cfg = stage_config(tmp_path, bad, digits_student, max_bad_steps=3)
+    p = launch(cfg, 1, "steps=10")
+    assert p.returncode == 4, p.stdout[-3000:]
+    assert (p.stdout + p.stderr).count("non-finite loss at step 0") == 3
+    assert (tmp_path / "run" / "stage2" / "diagnostic" / "latest").is_file()
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("ep_divides_n", "does not divide the 4 experts"),
+        ("world_divisible", "does not divide the world size 1"),
+        ("missing_init", "not found (run the previous stage first)"),
+        ("disagree", "disagree on num_layers"),
+        ("unknown_key", "Key 'bogus' not in"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_student, capsys, case, expect):
+    teacher = digits_teacher
+    init = digits_student
+    over = []
+    if case == "ep_divides_n":
+        over = ["parallel.ep_size=3"]
+        os.environ["WORLD_SIZE"] = "3"
+    elif case == "world_divisible":
+        over = ["parallel.ep_size=2"]
+    elif case == "missing_init":
+        init = tmp_path / "nope"
+    elif case == "disagree":
+        from tests.tiny import save_tiny_teacher
+
+        teacher = tmp_path / "other"
+        save_tiny_teacher(teacher, num_single_layers=3)
+    elif case == "unknown_key":
+        over = ["optim.bogus=1"]
+    try:
+        rc = main(["train", "--config", str(stage_config(tmp_path, teacher, init)), *over])
+    finally:
+        os.environ.pop("WORLD_SIZE", None)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [l for l in err.splitlines() if l.startswith("d2m: error:")]
+    assert len(lines) == 1 and expect in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def _zero3_teacher_worker(rank, world, teacher_path):
+    os.environ["LOCAL_SIZE"] = str(world)
+    from d2m_dist.config import StageConfig, TeacherConfig
+    from d2m_dist.distill.taps import tapped
+    from d2m_dist.models.flux import call_flux, load_teacher
+    from d2m_dist.parallel.deepspeed_setup import teacher_engine
+    from d2m_dist.parallel.dist import DistInfo
+    from tests.tiny import tiny_inputs
+
+    cfg = StageConfig(stage=2, run_dir="r", init="i", teacher=TeacherConfig(path=str(teacher_path)))
+    cfg.parallel.teacher_zero3 = cfg.parallel.teacher_offload = True
+    plain = load_teacher(cfg.teacher)
+    engine = teacher_engine(load_teacher(cfg.teacher), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
+    assert all(p.ds_tensor.numel() < p.ds_numel or world == 1 for p in engine.module.parameters())
+    x = tiny_inputs(seed=rank)
+    with torch.no_grad(), tapped(plain, detach=True) as fa:
+        ya = call_flux(plain, x)
+    with torch.no_grad(), tapped(engine.module, detach=True) as fb:
+        yb = call_flux(engine, x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=1e-6)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=0, atol=1e-6)
+
+
+def test_zero3_offloaded_teacher_equals_plain(tmp_path):
+    from tests.distributed import run_ranks
+    from tests.tiny import save_tiny_teacher
+
+    save_tiny_teacher(tmp_path / "t")
+    run_ranks(_zero3_teacher_worker, 2, tmp_path / "t")
