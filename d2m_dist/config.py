@@ -194,6 +194,8 @@ class TrainDataConfig:
     batch_size: int = 16  # per rank, per micro-step
     num_workers: int = 0
     seed: int = 0
+    # value fed to the guidance embedding; None: the digits teacher's card, else 3.5 (FLUX.1-dev)
+    guidance: Optional[float] = None
 
 
 @dataclass

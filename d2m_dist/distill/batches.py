@@ -49,3 +49,47 @@ class DigitsBatches:
 
     def load_state_dict(self, state: Dict) -> None:
         pass
+
+
+class ShardBatches:
+    """Precomputed webdataset shards (``d2m precompute``), streamed with an exact resume position.
+
+    Each rank reads its own split (resampled, deterministic given seed and rank);
+    the stream's position is saved in the trainer's checkpoint, so a restart on
+    the same world size continues with the batches an uninterrupted run would
+    have seen. Noise and timesteps come from ``(seed, step, rank)``.
+    """
+
+    def __init__(self, urls: str, batch_size: int, rank: int, world: int, seed: int, num_workers: int,
+                 guidance: float | None, max_tokens: int | None = None):
+        from d2m_dist.data.stream import ShardStream, StreamConfig
+
+        self.stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode="resampled", batch_size=batch_size,
+                                               seed=seed, rank=rank, world_size=world, num_workers=num_workers))
+        self.rank, self.seed, self.guidance = rank, seed, guidance
+        self._it = None
+
+    def get(self, step: int) -> Tuple[FluxInputs, torch.Tensor]:
+        from d2m_dist.models.flow import FlowBatch
+        from d2m_dist.models.flux import latent_image_ids, pack_latents
+
+        if self._it is None:
+            self._it = iter(self.stream)
+        b = next(self._it)
+        latents = torch.as_tensor(b["latent"]).float()  # [B, C, h, w]
+        _, _, h, w = latents.shape
+        embeds = torch.as_tensor(b["prompt_embeds"]).float()
+        batch = FlowBatch(
+            latents=pack_latents(latents), prompt_embeds=embeds, pooled=torch.as_tensor(b["pooled"]).float(),
+            img_ids=latent_image_ids(h // 2, w // 2), txt_ids=torch.zeros(embeds.shape[1], 3),
+            guidance=None if self.guidance is None else torch.full((latents.shape[0],), float(self.guidance)),
+        )
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 997 + self.rank)
+        return noised_inputs(batch, gen)
+
+    def state_dict(self) -> Dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            self.stream.load_state_dict(state)

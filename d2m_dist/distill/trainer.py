@@ -28,7 +28,7 @@ import torch.distributed as dist
 from d2m_dist.ckpt.checkpoint import CheckpointDir, rng_state, set_rng_state
 from d2m_dist.config import ConfigError, StageConfig, to_dict
 from d2m_dist.distill import losses as L
-from d2m_dist.distill.batches import DigitsBatches
+from d2m_dist.distill.batches import DigitsBatches, ShardBatches
 from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
 from d2m_dist.distill.stages import set_trainable, stage_top_k, stage_trainable
 from d2m_dist.distill.taps import tapped
@@ -103,8 +103,7 @@ class StageTrainer:
         self.engine = dss.student_engine(student.to(self.device), cfg, self.info)
         self.student = self.engine.module
         self.teacher = self._build_teacher()
-        self.batches = DigitsBatches(cfg.teacher.path, cfg.data.batch_size, self.info.rank, self.info.world,
-                                     cfg.data.seed)
+        self.batches = make_batches(cfg, self.info)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
         self.bad_in_row = 0
@@ -294,6 +293,20 @@ class StageTrainer:
             "wandb_run_id": self.tracker.run_id,
             "history": self.history,
         }
+
+
+def make_batches(cfg: StageConfig, info: DistInfo):
+    if cfg.data.source == "digits":
+        return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed)
+    from d2m_dist.convert.digits_calibration import CARD_FILE, teacher_card
+
+    guidance = cfg.data.guidance
+    if guidance is None:
+        root = Path(cfg.teacher.path)
+        has_card = (root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file()
+        guidance = teacher_card(cfg.teacher.path).embedded_guidance if has_card else 3.5
+    return ShardBatches(cfg.data.urls, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
+                        cfg.data.num_workers, guidance)
 
 
 def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:
