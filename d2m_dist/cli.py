@@ -55,6 +55,50 @@ def cmd_train(args) -> int:
     return run_stage(cfg)
 
 
+def cmd_teacher(args) -> int:
+    """Pretrain the digits preset's dense teacher and save it in diffusers format."""
+    from pathlib import Path
+
+    from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if Path(args.out).exists() and any(Path(args.out).iterdir()):
+        raise ConfigError(f"teacher output {args.out} already exists and is not empty")
+    _, accuracy = pretrain_teacher(cfg, args.out, eval_per_digit=args.eval_per_digit, eval_scales=(1.0, 2.0))
+    print(f"teacher written to {args.out}; digit accuracy {accuracy}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    """Teacher vs student on the digits preset: sample grid PNG and digit accuracy JSON."""
+    from pathlib import Path
+
+    from d2m_dist.convert.digits_calibration import teacher_card
+    from d2m_dist.eval.digits_eval import EvalConfig, evaluate, save_grid
+    from d2m_dist.models.flux import load_teacher
+    from d2m_dist.config import TeacherConfig
+    from d2m_dist.models.portable import StudentMeta, load_student
+    from d2m_dist.models.spec import MoESpec
+
+    cfg = load_config(EvalConfig, None, args.overrides)
+    teacher = load_teacher(TeacherConfig(path=args.teacher))
+    student = load_student(args.student)
+    meta = StudentMeta.read(Path(args.student))
+    k = args.k if args.k is not None else max(MoESpec.parse(v).top_k for v in meta.site_specs.values())
+    models = [("teacher", teacher, None), (f"student_k{k}", student, k), ("student_k0", student, 0)]
+    accuracy, images = evaluate(models, teacher_card(args.teacher), cfg)
+    grid = save_grid(images, cfg.n_per_digit, args.out)
+    result = {"accuracy": accuracy, "grid": str(grid), "rows": [m[0] for m in models], **vars(cfg)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_params(args) -> int:
     """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
     from d2m_dist.models.accounting import dense_ffn_params, moe_param_report
@@ -134,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("convert", "stage 0: dense teacher -> MoE student folder", cmd_convert)
     with_config("train", "stages 1-3: distil the student from the frozen teacher (DeepSpeed)", cmd_train)
+    sp = with_config("teacher", "pretrain the digits preset's dense FLUX-architecture teacher", cmd_teacher)
+    sp.add_argument("--out", required=True, help="output folder (diffusers pipeline root)")
+    sp.add_argument("--eval-per-digit", type=int, default=20)
+    sp = sub.add_parser("sample", help="digits: teacher vs student sample grid and accuracy")
+    sp.add_argument("--teacher", required=True)
+    sp.add_argument("--student", required=True)
+    sp.add_argument("--k", type=int, help="active routed experts (default: the spec's k)")
+    sp.add_argument("--out", required=True, help="grid PNG path")
+    sp.add_argument("--json", help="write the accuracies here")
+    sp.add_argument("overrides", nargs="*", help="n_per_digit=, steps=, guidance_scale=, seed=")
+    sp.set_defaults(func=cmd_sample)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
 

@@ -146,11 +146,16 @@ def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    adopt_moe_layers(model, cfg.parallel.ep_size)
+    # DeepSpeed's MoE path needs a trainable expert group; with experts frozen (stage 3) the
+    # layers stay plain: our all_to_all still routes tokens, no expert gradient exists to reduce
+    experts_train = any(p.requires_grad for m in model.modules() if isinstance(m, MoEFeedForward)
+                        for p in m.experts.parameters())
+    if experts_train:
+        adopt_moe_layers(model, cfg.parallel.ep_size)
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trainable, "name": "dense", "lr": o.lr, "weight_decay": o.weight_decay}]
-    if cfg.parallel.ep_size > 1:
+    if cfg.parallel.ep_size > 1 and experts_train:
         groups = split_params_into_different_moe_groups_for_optimizer(groups[0])
         groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
