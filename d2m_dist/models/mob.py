@@ -60,6 +60,29 @@ class MoBGroup(nn.Module):
         self.unit_gates = False
         self.usage: Optional[torch.Tensor] = None  # [m] fraction of samples that ran each block
 
+    def _has_collectives(self, j: int) -> bool:
+        """Whether block j exchanges tokens with other ranks (expert-parallel MoE layers).
+
+        Such a block must run on every rank even with no local sample (an empty
+        sub-batch, no compute), or ranks would disagree on the collectives.
+        """
+        from d2m_dist.models.moe import MoEFeedForward
+
+        return any(isinstance(m, MoEFeedForward) and m.ep_size > 1 for m in self.blocks[j].modules())
+
+    @staticmethod
+    def _join_collectives(block, hidden, context, temb, rotary, kwargs):
+        """Run ``block`` on one sample with zero weight, so its expert all_to_all calls
+        (forward and backward) match the ranks where samples did choose it.
+
+        diffusers' blocks cannot run an empty batch, so one sample's compute is the price.
+        """
+        one = torch.zeros(1, dtype=torch.long, device=hidden.device)
+        c_out, h_out = block(hidden_states=hidden.index_select(0, one), encoder_hidden_states=context.index_select(0, one),
+                             temb=temb.index_select(0, one), image_rotary_emb=rotary, joint_attention_kwargs=kwargs)
+        zero = (h_out.sum() + c_out.sum()) * 0.0  # in the graph, so backward runs the exchanges too
+        return hidden + zero.to(hidden.dtype), context + zero.to(context.dtype)
+
     @property
     def m(self) -> int:
         return len(self.blocks)
@@ -86,6 +109,9 @@ class MoBGroup(nn.Module):
         for j, block in enumerate(self.blocks):
             idx = active[:, j].nonzero().squeeze(1)
             if idx.numel() == 0:
+                if self._has_collectives(j):
+                    hidden_states, encoder_hidden_states = self._join_collectives(
+                        block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
                 continue  # skipped by every sample: no compute at all
             whole = idx.numel() == hidden_states.shape[0]
             h = hidden_states if whole else hidden_states.index_select(0, idx)

@@ -209,7 +209,8 @@ class MoEFeedForward(nn.Module):
             if self.z_loss_coeff:
                 self.z_loss = mu.z_loss_func(logits, self.z_loss_coeff)
             with torch.no_grad():
-                self.router_entropy = -(scores * torch.log(scores.clamp_min(1e-20))).sum(-1).mean()
+                if scores.shape[0]:
+                    self.router_entropy = -(scores * torch.log(scores.clamp_min(1e-20))).sum(-1).mean()
         permuted, permuted_probs, sorted_indices = mu.permute(x2, routing_map, probs=probs)
         out = self._run_experts(permuted, tokens_per_expert)
         out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
@@ -218,6 +219,8 @@ class MoEFeedForward(nn.Module):
     def _balance_loss(self, scores: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Switch loss ``n * sum_i f_i P_i``; f from the balance group's counts when one is set."""
         t = scores.shape[0]
+        if t == 0 and self.balance_group is None:
+            return scores.sum() * 0.0  # no tokens here (an empty MoB sub-batch): nothing to balance
         if self.balance_group is None or dist.get_world_size(self.balance_group) == 1:
             return mu.switch_load_balancing_loss_func(scores, tokens_per_expert, t, self.top_k, self.num_experts, 1.0)
         counts = tokens_per_expert.detach().to(torch.float32)
@@ -225,7 +228,8 @@ class MoEFeedForward(nn.Module):
         f = counts / counts.sum().clamp_min(1)  # fraction of the global batch's assignments
         # P from this rank's tokens: the mean over equal-sized ranks is the global P, and
         # DeepSpeed averages gradients over ranks, so N ranks train on the global loss
-        return self.num_experts * torch.sum(f * scores.mean(0))
+        p_mean = scores.mean(0) if t else scores.sum(0)  # an empty sub-batch contributes nothing
+        return self.num_experts * torch.sum(f * p_mean)
 
     def _run_experts(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by global expert id in, expert outputs in the same order out."""

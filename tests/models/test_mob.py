@@ -83,3 +83,33 @@ def test_compute_falls_with_kappa():
         with torch.no_grad():
             counts.append(flops(lambda: call_flux(student, x)))
     assert counts[0] > counts[1] > counts[2]
+
+
+def _ep_mob_worker(rank, world, teacher_state):
+    import torch.distributed as dist
+
+    from d2m_dist.config import MoEConfig
+    from d2m_dist.models.spec import select_sites
+    from d2m_dist.models.surgery import convert_to_moe
+    from tests.models.test_surgery import random_partitions
+
+    group = dist.new_group(list(range(world)))
+    teacher = tiny_flux(num_layers=1, num_single_layers=2)
+    cfg = MoEConfig(spec="1S4E2A", sites="single")
+    specs = select_sites(cfg, 1, 2)
+    student = convert_to_moe(teacher, specs, cfg, random_partitions(teacher, specs), ep_group=group)
+    student = apply_mob(student, MoBConfig(enabled=True, single=MoBGroupConfig(m=2, kappa=1), gate="one"))
+    (_, g), = mob_groups(student)
+    # force every local sample onto block `rank`: the other block has no sample on this rank,
+    # but its expert-parallel MoE layer must still join the other rank's all_to_all
+    g.select = lambda h, c, t: (torch.nn.functional.one_hot(torch.full((h.shape[0],), rank), 2).bool(), None)
+    out = call_flux(student, tiny_inputs(batch=2, seed=rank))
+    out.pow(2).mean().backward()  # backward runs the reverse exchanges on both ranks too
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.multiproc
+def test_mob_with_expert_parallel_blocks_keeps_ranks_in_step():
+    from tests.distributed import run_ranks
+
+    run_ranks(_ep_mob_worker, 2, None)
