@@ -116,6 +116,11 @@ class ConvertConfig:
     output: str = MISSING
     device: str = "auto"  # auto | cpu | cuda
     overwrite: bool = False
+    # Taylor calibration with the teacher as a DeepSpeed ZeRO-3 engine (weights sharded over
+    # ranks, optionally offloaded to CPU) so that FLUX.1-dev fits; the surgery then reads the
+    # teacher from disk on rank 0
+    teacher_zero3: bool = False
+    teacher_offload: bool = False
 
 
 # ----------------------------------------------------------------------------- loading

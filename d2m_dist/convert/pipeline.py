@@ -126,23 +126,33 @@ def run_convert(
     del meta_teacher
 
     device = pick_device(cfg.device)
-    teacher = load_teacher(cfg.teacher).to(device)
     scores = None
     t0 = time.time()
     if needs_scores(cfg.partition.strategy):
+        scorer_model = load_teacher(cfg.teacher)
+        if cfg.teacher_zero3:
+            from d2m_dist.parallel.deepspeed_setup import zero3_inference_engine
+
+            scorer_model = zero3_inference_engine(
+                scorer_model.to(device), offload=cfg.teacher_offload, bf16=cfg.teacher.dtype == "bf16",
+                micro_batch=cfg.calibration.batch_size, on_gpu=device.type == "cuda")
+        else:
+            scorer_model = scorer_model.to(device)
         if batches is None:
-            batches = calibration_batches(teacher.config, cfg)
+            batches = calibration_batches(scorer_model.module.config if cfg.teacher_zero3 else scorer_model.config, cfg)
         scorer = taylor_scores(
-            teacher, rank_share(batches, rank, world), list(specs), seed=cfg.calibration.seed,
+            scorer_model, rank_share(batches, rank, world), list(specs), seed=cfg.calibration.seed,
             group=group, progress=progress,
         )
         scores = scorer.scores
+        del scorer_model
         log.info("taylor scores from %d calibration batches in %.1fs", scorer.batches, time.time() - t0)
+    if rank != 0:
+        return None
+    teacher = load_teacher(cfg.teacher)  # whole weights, on CPU: the surgery copies rows and columns
     parts = compute_partitions(teacher, specs, cfg, scores)
     student = convert_to_moe(teacher, specs, cfg.moe, parts)
     apply_mob(student, cfg.mob)
-    if rank != 0:
-        return None
     meta = StudentMeta(
         base_model={k: v for k, v in dict(teacher.config).items() if not k.startswith("_") or k == "_class_name"},
         moe=to_dict(cfg.moe),

@@ -5,9 +5,15 @@
 the teacher's flow-matching loss on a calibration batch. Scores are summed over
 batches (|.| is taken per batch, then accumulated), in float64.
 
-Streaming: each batch's gradients are requested with ``torch.autograd.grad`` for
-the FFN weights only, turned into per-neuron scores and dropped at once; no
-per-batch gradient is kept and no other parameter needs a gradient.
+Streaming and shard-friendly: ``dL/dW`` is rebuilt from activations, which
+works the same for a plain teacher and for a DeepSpeed ZeRO-3 engine (whose
+weights exist whole only while their module runs). For ``z = W1 x + b1`` and
+``y = W2 a``: ``dL/dW1 = gz^T x``, ``dL/db1 = sum gz``, ``dL/dW2 = gy^T a``.
+Forward hooks keep ``x`` and ``a`` (autograd keeps them anyway), tensor hooks
+receive ``gz`` and ``gy`` during the backward pass, and each site's scores are
+computed right there with its weights gathered (``GatheredParameters``, a no-op
+for ordinary tensors); the site's gradient is dropped at once. The backward runs
+from the loss to the input latents; no parameter needs ``requires_grad``.
 Distributed: each rank scores its own batches; the per-site score vectors are
 summed across ranks with one all_reduce each, so N ranks over disjoint batches
 equal one process over all of them.
@@ -26,70 +32,96 @@ from d2m_dist.models.flux import call_flux
 from d2m_dist.models.surgery import parse_site
 
 
-def _site_params(model: nn.Module, site: str) -> List[nn.Parameter]:
-    """The parameters holding ``site``'s W1, b1 and W2 (W2 may be a wider tensor)."""
-    stream, i, kind = parse_site(site)
-    if stream == "double":
-        ff = getattr(model.transformer_blocks[i], kind)
-        return [ff.net[0].proj.weight, ff.net[0].proj.bias, ff.net[2].weight]
-    block = model.single_transformer_blocks[i]
-    return [block.proj_mlp.weight, block.proj_mlp.bias, block.proj_out.weight]
-
-
-def neuron_scores(w1, g1, b1, gb1, w2, g2) -> torch.Tensor:
-    """Per-neuron |w * grad| summed over W1 row, b1 entry and W2 column (float64)."""
-    s = (w1.double() * g1.double()).abs().sum(1)
-    s += (b1.double() * gb1.double()).abs()
-    s += (w2.double() * g2.double()).abs().sum(0)
-    return s
-
-
 def flow_matching_loss(model: nn.Module, batch: FlowBatch, generator: torch.Generator) -> torch.Tensor:
     inputs, target = noised_inputs(batch, generator)
     pred = call_flux(model, inputs)
     return torch.mean((pred.float() - target.float()) ** 2)
 
 
+def _gathered(params: List[nn.Parameter]):
+    try:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+
 class TaylorScorer:
-    """Accumulates Taylor scores for a set of dense FFN sites of a FLUX transformer."""
+    """Accumulates Taylor scores of dense FFN sites from activation gradients (plain or ZeRO-3 teacher)."""
 
     def __init__(self, model: nn.Module, sites: Iterable[str]):
         self.model = model
         self.sites = list(sites)
-        self._params = {s: _site_params(model, s) for s in self.sites}
         self.scores: Dict[str, torch.Tensor] = {}
         self.batches = 0
+        self._handles = []
 
-    def _flat_params(self) -> List[nn.Parameter]:
-        seen, out = set(), []
-        for ps in self._params.values():
-            for p in ps:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append(p)
-        return out
+    def _modules(self, site: str):
+        """(up-projection linear, down-projection linear, down-projection column offset)."""
+        stream, i, kind = parse_site(site)
+        if stream == "double":
+            ff = getattr(self.model.transformer_blocks[i], kind)
+            return ff.net[0].proj, ff.net[2], 0
+        block = self.model.single_transformer_blocks[i]
+        return block.proj_mlp, block.proj_out, block.proj_out.in_features - block.proj_mlp.out_features
 
-    def accumulate(self, loss_fn: Callable[[], torch.Tensor]) -> float:
-        """Add one batch: ``loss_fn`` builds the loss (params get grads only inside)."""
-        params = self._flat_params()
-        flags = [p.requires_grad for p in params]
-        for p in params:
-            p.requires_grad_(True)
+    def _add(self, site: str, s: torch.Tensor) -> None:
+        s = s.detach().cpu()
+        self.scores[site] = self.scores[site] + s if site in self.scores else s
+
+    def _attach(self) -> None:
+        for site in self.sites:
+            up, down, offset = self._modules(site)
+            state = {}
+
+            def up_hook(mod, args, out, site=site, state=state, up=up):
+                x = args[0].reshape(-1, args[0].shape[-1])
+                state["x"] = x
+
+                def on_gz(gz, site=site, up=up, x=x):
+                    gz = gz.reshape(-1, gz.shape[-1])
+                    with _gathered([up.weight, up.bias]):
+                        g1 = gz.double().t() @ x.double()  # [H, D]
+                        gb1 = gz.double().sum(0)
+                        s = (up.weight.double() * g1).abs().sum(1) + (up.bias.double() * gb1).abs()
+                    self._add(site, s)
+
+                if out.requires_grad:
+                    out.register_hook(on_gz)
+
+            def down_hook(mod, args, out, site=site, offset=offset, down=down):
+                a = args[0].reshape(-1, args[0].shape[-1])[:, offset:]  # the MLP part of proj_out's input
+
+                def on_gy(gy, site=site, down=down, a=a, offset=offset):
+                    gy = gy.reshape(-1, gy.shape[-1])
+                    with _gathered([down.weight]):
+                        w2 = down.weight[:, offset:].double()
+                        g2 = gy.double().t() @ a.double()  # [D, H]
+                        s = (w2 * g2).abs().sum(0)
+                    self._add(site, s)
+
+                if out.requires_grad:
+                    out.register_hook(on_gy)
+
+            self._handles.append(up.register_forward_hook(up_hook))
+            self._handles.append(down.register_forward_hook(down_hook))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def accumulate(self, loss_fn, inputs_requiring_grad: torch.Tensor) -> float:
+        """One batch: ``loss_fn()`` runs the forward; the backward goes to ``inputs_requiring_grad``."""
+        self._attach()
         try:
             loss = loss_fn()
-            grads = dict(zip(map(id, params), torch.autograd.grad(loss, params)))
+            torch.autograd.grad(loss, [inputs_requiring_grad])
         finally:
-            for p, f in zip(params, flags):
-                p.requires_grad_(f)
-        with torch.no_grad():
-            for site, (pw1, pb1, pw2) in self._params.items():
-                g1, gb1, g2 = grads[id(pw1)], grads[id(pb1)], grads[id(pw2)]
-                w2 = pw2
-                if site.startswith("single."):
-                    d = pw2.shape[0]  # proj_out = [attn | mlp]: the MLP down-projection is columns D:
-                    w2, g2 = pw2[:, d:], g2[:, d:]
-                s = neuron_scores(pw1, g1, pb1, gb1, w2, g2).cpu()
-                self.scores[site] = self.scores[site] + s if site in self.scores else s
+            self._detach()
         self.batches += 1
         return float(loss.detach())
 
@@ -122,13 +154,20 @@ def taylor_scores(
     The noise and timesteps of batch i come from a generator seeded with
     ``(seed, i)`` on every rank, so which rank sees a batch does not change its score.
     """
-    scorer = TaylorScorer(model, sites)
-    device = next(model.parameters()).device
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the FLUX model
+    scorer = TaylorScorer(module, sites)
+    # diffusers models and DeepSpeed engines both say where their compute runs
+    device = model.device if isinstance(getattr(model, "device", None), torch.device) else next(module.parameters()).device
     for i, batch in enumerate(batches):
         index = i if batch.index is None else batch.index
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        batch = batch.to(device)
-        loss = scorer.accumulate(lambda: flow_matching_loss(model, batch, gen))
+        inputs, target = noised_inputs(batch, gen)
+        inputs = inputs.to(device)
+        inputs.hidden_states.requires_grad_(True)
+        # the module, not the engine: ZeRO-3's gathering hooks live on the submodules, while the
+        # engine's own backward bookkeeping assumes engine.backward() and an optimizer
+        loss_fn = lambda: torch.mean((call_flux(module, inputs).float() - target.to(device).float()) ** 2)  # noqa: E731
+        loss = scorer.accumulate(loss_fn, inputs.hidden_states)
         if progress:
             progress(i, loss)
     scorer.all_reduce(group)

@@ -165,21 +165,26 @@ def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
     return engine
 
 
-def teacher_engine(teacher: nn.Module, cfg: StageConfig, info: DistInfo):
-    """The frozen teacher as a ZeRO-3 inference engine (no optimizer), params offloadable to CPU."""
+def zero3_inference_engine(model: nn.Module, *, offload: bool, bf16: bool, micro_batch: int, on_gpu: bool):
+    """A frozen model as a ZeRO-3 engine without optimizer: weights sharded over ranks, optionally on CPU."""
     import deepspeed
 
     zero: Dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
-    if cfg.parallel.teacher_offload:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": info.device.type == "cuda"}
-    ds: Dict = {"train_micro_batch_size_per_gpu": cfg.data.batch_size, "zero_optimization": zero,
-                "steps_per_print": 10**9}
-    if use_bf16(cfg, info):
+    if offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: Dict = {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": zero, "steps_per_print": 10**9}
+    if bf16:
         ds["bf16"] = {"enabled": True}
-    teacher.requires_grad_(False).eval()
-    engine, _, _, _ = deepspeed.initialize(model=teacher, config=ds)
+    model.requires_grad_(False).eval()
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds)
     engine.eval()
     return engine
+
+
+def teacher_engine(teacher: nn.Module, cfg: StageConfig, info: DistInfo):
+    """The stage's frozen teacher as a ZeRO-3 inference engine."""
+    return zero3_inference_engine(teacher, offload=cfg.parallel.teacher_offload, bf16=use_bf16(cfg, info),
+                                  micro_batch=cfg.data.batch_size, on_gpu=info.device.type == "cuda")
 
 
 def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict[str, torch.Tensor]:

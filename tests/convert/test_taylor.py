@@ -88,3 +88,35 @@ def test_two_ranks_equal_single_process():
     sites = all_site_names(2, 2)
     expected = taylor_scores(model, bl, sites).scores
     run_ranks(_two_rank_worker, 2, model, bl, sites, expected)
+
+
+def _zero3_worker(rank, world, teacher_path, bl, sites, expected):
+    import os
+
+    os.environ["LOCAL_SIZE"] = str(world)
+    from d2m_dist.config import TeacherConfig
+    from d2m_dist.convert.pipeline import rank_share
+    from d2m_dist.models.flux import load_teacher
+    from d2m_dist.parallel.deepspeed_setup import zero3_inference_engine
+
+    engine = zero3_inference_engine(load_teacher(TeacherConfig(path=str(teacher_path))), offload=True, bf16=False,
+                                    micro_batch=2, on_gpu=False)
+    # the weights really are sharded: each rank holds part of every FFN weight
+    up = engine.module.transformer_blocks[0].ff.net[0].proj.weight
+    assert up.ds_tensor.numel() < up.ds_numel
+    got = taylor_scores(engine, rank_share(bl, rank, world), sites)
+    for s in sites:
+        torch.testing.assert_close(got.scores[s], expected[s], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.multiproc
+def test_zero3_offloaded_teacher_on_two_ranks_equals_plain_single_process(tmp_path):
+    from tests.tiny import save_tiny_teacher
+
+    model = save_tiny_teacher(tmp_path / "t")
+    bl = batches(4)
+    for i, b in enumerate(bl):
+        b.index = i
+    sites = all_site_names(2, 2)
+    expected = taylor_scores(model, bl, sites).scores
+    run_ranks(_zero3_worker, 2, tmp_path / "t", bl, sites, expected)
