@@ -12,11 +12,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
-    """A 0.35M-parameter FLUX-architecture teacher trained briefly on the digits, in diffusers format."""
+    """A 0.35M-parameter FLUX-architecture teacher trained briefly (200 steps) on the digits, in diffusers format."""
     from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain, save_teacher
 
     root = tmp_path_factory.mktemp("digits_teacher")
-    cfg = PretrainConfig(steps=60, batch_size=32, progress=False)
+    cfg = PretrainConfig(steps=200, batch_size=32, progress=False)
     save_teacher(pretrain(cfg).ema, root, cfg)
     return root
 

@@ -49,7 +49,14 @@ def _bench_partition(kv: Dict[str, str]):
     return rows, ["strategy", "spec", "k", "ffn rel err", "velocity rel err"]
 
 
-BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition}
+def _bench_data(kv: Dict[str, str]):
+    from d2m_dist.bench import data
+
+    rows = data.run(passes=int(kv.pop("passes", 3)), workers=int(kv.pop("workers", 2)))
+    return rows, list(rows[0])
+
+
+BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition, "data": _bench_data}
 
 
 def run_benchmark(name: str, overrides: Sequence[str], out: Optional[str] = None) -> int:

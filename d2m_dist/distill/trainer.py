@@ -249,6 +249,8 @@ class StageTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['total']:.4f}", img_s=f"{samples_per_step / dt:.0f}")
+                if cfg.log.sample_every and self.step % cfg.log.sample_every == 0:
+                    self.sample_grid()
                 stop = any_true(self._signal is not None, self.device)
                 periodic = cfg.ckpt.every and self.step % cfg.ckpt.every == 0
                 if stop or periodic or self.step == cfg.steps:
@@ -263,6 +265,31 @@ class StageTrainer:
             for s, h in old.items():
                 signal.signal(s, h)
             self.tracker.finish()
+
+    def sample_grid(self) -> Optional[Path]:
+        """Teacher vs student samples (digits preset): PNG under the stage folder and in wandb.
+
+        Collective: every rank samples (expert-parallel layers exchange tokens), rank 0 writes.
+        """
+        from d2m_dist.convert.digits_calibration import CARD_FILE, teacher_card
+
+        root = Path(self.cfg.teacher.path)
+        if not ((root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file()):
+            return None  # a VAE-decoded grid for FLUX presets is not built yet
+        from d2m_dist.eval.digits_eval import EvalConfig, evaluate, save_grid
+
+        n = max(1, self.cfg.log.sample_count // 10)
+        ecfg = EvalConfig(n_per_digit=n, steps=10, seed=0)
+        was_training = self.student.training
+        acc, images = evaluate([("teacher", self._teacher_module(), None), ("student", self.student, None)],
+                               teacher_card(self.cfg.teacher.path), ecfg)
+        self.student.train(was_training)
+        if not self.info.is_main:
+            return None
+        path = save_grid(images, n, self.stage_dir / "samples" / f"step_{self.step:06d}.png")
+        self.tracker.log_image("samples", path, self.step)
+        self.tracker.log({f"digit_accuracy/{k}": v for k, v in acc.items()}, self.step)
+        return path
 
     def _log(self, values: Dict[str, float], dt: float, samples_per_step: int) -> None:
         load = expert_load(self.student, self.device)  # collective: every rank logs at the same steps
@@ -350,6 +377,7 @@ def run_stage(cfg: StageConfig) -> int:
     trainer = StageTrainer(cfg)
     code = trainer.train()
     if code == EXIT_OK:
+        trainer.sample_grid()
         export_student(trainer)
     if trainer.info.is_main:
         # torchrun reports any failing worker as exit 1; launchers read the real outcome here
