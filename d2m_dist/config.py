@@ -269,7 +269,6 @@ class StageConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    ema: Optional[float] = None  # EMA decay of the student's trainable weights
     max_bad_steps: int = 5  # NaN/inf losses in a row before a diagnostic checkpoint and exit
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"

@@ -154,8 +154,10 @@ class StageTrainer:
 
     def _losses(self, inputs, target) -> Dict[str, torch.Tensor]:
         w = self.cfg.loss
+        t0 = time.perf_counter()
         with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats:
             t_out = call_flux(self.teacher, inputs)
+        self._t_teacher += time.perf_counter() - t0
         with tapped(self.student, detach=False) as s_feats:
             s_out = call_flux(self.engine, inputs)
         out: Dict[str, torch.Tensor] = {}
@@ -188,7 +190,8 @@ class StageTrainer:
         """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite loss)."""
         accum = self.cfg.optim.grad_accum
         values: Dict[str, float] = {}
-        t_data = t_fwd = 0.0
+        t_data = t_fwd = t_step = 0.0
+        self._t_teacher = 0.0
         for micro in range(accum):
             t0 = time.perf_counter()
             inputs, target = self.batches.get(self.step * accum + micro)
@@ -200,12 +203,18 @@ class StageTrainer:
                 self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else None
                 return None
             self.engine.backward(out["total"])
-            self.engine.step()
-            t_fwd += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            self.engine.step()  # gradient reduction (ZeRO) and the optimizer
+            t_step += time.perf_counter() - t2
+            t_fwd += t2 - t1
             t_data += t1 - t0
             for k, v in _mean_over_ranks(out).items():
                 values[k] = values.get(k, 0.0) + v / accum
-        values["time/data"], values["time/fwd_bwd_step"] = t_data, t_fwd
+        values["time/data"] = t_data
+        values["time/teacher_forward"] = self._t_teacher
+        values["time/student_forward_backward"] = t_fwd - self._t_teacher
+        values["time/reduce_and_optimizer"] = t_step
+        values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
 
     def _dtype(self):
@@ -241,7 +250,7 @@ class StageTrainer:
                 self.step += 1
                 self.history["loss"].append(values["total"])
                 for k, v in values.items():
-                    if not k.startswith("time/") and k != "total":
+                    if not k.startswith("time/") and k not in ("total", "tokens_per_sample"):
                         self.history.setdefault(k, []).append(v)
                 dt = time.perf_counter() - t0
                 if self.step % max(1, cfg.log.every) == 0 or self.step == cfg.steps:
@@ -294,10 +303,11 @@ class StageTrainer:
     def _log(self, values: Dict[str, float], dt: float, samples_per_step: int) -> None:
         load = expert_load(self.student, self.device)  # collective: every rank logs at the same steps
         self.last_load = load
-        metrics = {f"loss/{k}": v for k, v in values.items() if not k.startswith("time/")}
+        metrics = {f"loss/{k}": v for k, v in values.items() if not k.startswith("time/") and k != "tokens_per_sample"}
         metrics.update({k: v for k, v in values.items() if k.startswith("time/")})
         metrics.update(flatten_metrics(load, block_usage(self.student)))
         metrics["images_per_s"] = samples_per_step / dt
+        metrics["tokens_per_s"] = samples_per_step * values.pop("tokens_per_sample", 0.0) / dt
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["skipped_steps"] = self.skipped_steps
         if torch.cuda.is_available():
@@ -306,7 +316,7 @@ class StageTrainer:
         self.tracker.log(metrics, self.step)
         if self.info.is_main:
             log.info("step %d/%d loss %.6f %s", self.step, self.cfg.steps, values["total"],
-                     " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total",) and not k.startswith("time/")))
+                     " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total", "tokens_per_sample") and not k.startswith("time/")))
 
     # -- results ---------------------------------------------------------------------
 
