@@ -6,13 +6,20 @@ or requeued job logs into the same run.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 
+log = logging.getLogger("d2m_dist.tracking")
+
+
 class Tracker:
+    """Tracking never stops training: a failing wandb (its service process killed by the
+    job's signal, a full disk...) is reported once and then left alone."""
+
     def __init__(self, stage_dir: Path, project: str, name: str, config: Dict[str, Any], enabled: bool, is_main: bool):
         self.run = None
         id_file = stage_dir / "wandb_run_id"
@@ -30,20 +37,29 @@ class Tracker:
         self.run = wandb.init(project=project, name=name, id=self.run_id, resume="allow", config=config,
                               dir=str(stage_dir), reinit="finish_previous")
 
+    def _guard(self, what: str, fn) -> None:
+        if self.run is None:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - tracking must not end a training run
+            log.warning("wandb %s failed (%s: %s); tracking disabled for this run", what, type(exc).__name__, exc)
+            self.run = None
+
     def log(self, metrics: Dict[str, Any], step: int) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
+        self._guard("log", lambda: self.run.log(metrics, step=step))
 
     def log_image(self, key: str, path: Path, step: int) -> None:
-        if self.run is not None:
+        def fn():
             import wandb
 
             self.run.log({key: wandb.Image(str(path))}, step=step)
 
+        self._guard("image", fn)
+
     def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
+        self._guard("finish", lambda: self.run.finish())
+        self.run = None
 
 
 def read_run_id(stage_dir: Path) -> Optional[str]:
