@@ -6,10 +6,6 @@ import os
 
 import pytest
 
-# tests/slurm drive a real local Slurm cluster (tools/slurm_local.sh). They are still being
-# made to pass (issue 5) and join the default run when they do; D2M_SLURM_TESTS=1 runs them.
-collect_ignore_glob = [] if os.environ.get("D2M_SLURM_TESTS") == "1" else ["slurm/*"]
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
