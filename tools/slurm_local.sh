@@ -77,13 +77,16 @@ start() {
   # munge: reuse a running munged (someone else's: not ours to stop), else start one and own its pid file
   if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     # munged runs as the munge user (its key, seed and socket dirs are the munge user's)
+    # its pid and log files live in /run/munge: the munge user may not be able to reach $DIR
+    # (a checkout under a 0700 folder); root keeps a copy of the pid as proof that we started it
     mkdir -p /run/munge "$DIR/munge"
-    chown munge:munge /run/munge "$DIR/munge"
-    chmod 755 "$DIR/munge"
-    runuser -u munge -- /usr/sbin/munged --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/munge/munged.log" \
-      || die "munged failed to start (see $DIR/munge/munged.log)"
-    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.1; done
-    munge -n | unmunge >/dev/null 2>&1 || die "munge -n | unmunge fails (see $DIR/munge/munged.log)"
+    chown munge:munge /run/munge
+    local mlog=/run/munge/d2m-munged.log mpid=/run/munge/d2m-munged.pid
+    runuser -u munge -- /usr/sbin/munged --pid-file="$mpid" --log-file="$mlog" \
+      || die "munged failed to start (see $mlog)"
+    for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && [ -s "$mpid" ] && break; sleep 0.1; done
+    munge -n | unmunge >/dev/null 2>&1 || die "munge -n | unmunge fails (see $mlog)"
+    cp "$mpid" "$DIR/munge/munged.pid"
   fi
   alive "$DIR/slurmctld.pid" || slurmctld -f "$SLURM_CONF" -i
   for n in node1 node2; do

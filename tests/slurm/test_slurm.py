@@ -67,13 +67,16 @@ def stage2_args(run: Path, teacher, student, steps):
             "ckpt.every=5", "log.every=1", "log.progress=false"]
 
 
-def test_two_node_stage2_completes(slurm, tmp_path, digits_teacher, digits_student):
-    jid = sbatch(slurm, tmp_path, "-N", 2, REPO / "slurm" / "stage2.sh",
+@pytest.mark.parametrize("launch", ["torchrun", "srun"])
+def test_two_node_stage2_completes(slurm, tmp_path, digits_teacher, digits_student, launch):
+    # torchrun: one task per node, c10d rendezvous; srun: one task per process, ranks from SLURM_PROCID
+    env = {**slurm, "D2M_LAUNCH": launch}
+    jid = sbatch(env, tmp_path, "-N", 2, REPO / "slurm" / "stage2.sh",
                  *stage2_args(tmp_path / "run", digits_teacher, digits_student, 6))
     j = wait(slurm, jid)
     out = log_of(tmp_path, "d2m-stage2", jid)
     assert j["JobState"] == "COMPLETED", out[-3000:]
-    assert "2 node(s)" in out and "rendezvous 127.0.0.1:" in out, out[-3000:]
+    assert "2 node(s)" in out and f"{launch} x 1 per node" in out and "rendezvous 127.0.0.1:" in out, out[-3000:]
     assert "world 2, ep_size 2" in out and "step 6/6" in out and "step ended with code 0" in out, out[-3000:]
     assert (tmp_path / "run" / "stage2" / "checkpoints" / "latest").read_text().strip() == "step_6"
     assert (tmp_path / "run" / "stage2" / "export" / "d2m_config.json").is_file()
