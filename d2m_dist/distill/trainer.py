@@ -200,7 +200,7 @@ class StageTrainer:
             out = self._losses(inputs, target)
             finite = bool(torch.isfinite(out["total"]).item())
             if any_true(not finite, self.device):
-                self.engine.zero_grad() if hasattr(self.engine, "zero_grad") else None
+                self.engine.zero_grad()  # drop what earlier micro-steps of this step accumulated
                 return None
             self.engine.backward(out["total"])
             t2 = time.perf_counter()
