@@ -14,7 +14,6 @@ resolution.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -63,12 +62,3 @@ def group_feature_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torc
 def balance_loss(aux_losses: Iterable[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     terms = [a for a in aux_losses if a is not None]
     return torch.stack(terms).mean() if terms else None
-
-
-@dataclass
-class LossWeights:
-    output: float = 1.0
-    feature: float = 1.0
-    balance: float = 1e-2
-    group: float = 1.0
-    z_loss: float = 1.0  # the z-loss is already scaled by its own coefficient in the layer
