@@ -26,6 +26,7 @@ from d2m_dist.models.mob import apply_mob
 from d2m_dist.models.portable import StudentMeta, full_state_dict, write_student
 from d2m_dist.models.spec import select_sites
 from d2m_dist.models.surgery import SitePartition, convert_to_moe, dense_ffn
+from d2m_dist.parallel.dist import pick_device
 
 log = logging.getLogger("d2m_dist.convert")
 
@@ -67,17 +68,6 @@ def rank_share(batches: Iterable[FlowBatch], rank: int, world: int) -> Iterator[
             if b.index is None:
                 b.index = i
             yield b
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device=cuda but no CUDA device is available")
-        local = torch.cuda.current_device()
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def compute_partitions(teacher, specs, cfg: ConvertConfig, scores: Optional[Dict[str, torch.Tensor]]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -395,9 +394,6 @@ def run_stage(cfg: StageConfig) -> int:
         if status:
             Path(status).write_text(f"{code}\n")
         trainer.stage_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=_nan_safe))
+        (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=str))
     return code
 
-
-def _nan_safe(x):
-    return None if isinstance(x, float) and math.isnan(x) else str(x)

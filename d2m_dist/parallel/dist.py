@@ -22,9 +22,14 @@ class DistInfo:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """auto | cpu | cuda; a CUDA device is this process's LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            from d2m_dist.config import ConfigError
+
+            raise ConfigError("device=cuda but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
