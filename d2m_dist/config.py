@@ -251,6 +251,14 @@ class LossConfig:
 
 
 @dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999  # per optimizer step
+    # the stage's export (the next stage's init) holds the average rather than the last weights
+    export: bool = True
+
+
+@dataclass
 class StageConfig:
     stage: int = MISSING  # 1 | 2 | 3
     run_dir: str = MISSING  # runs/<name>; this stage writes <run_dir>/stage<N>/
@@ -269,6 +277,7 @@ class StageConfig:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     max_bad_steps: int = 5  # NaN/inf losses in a row before a diagnostic checkpoint and exit
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
@@ -281,6 +290,8 @@ class StageConfig:
         choice("optim.decay", self.optim.decay, ("cosine", "linear", "constant"))
         if self.steps < 1:
             raise ConfigError("steps must be >= 1")
+        if self.ema.enabled and not 0.0 < self.ema.decay < 1.0:
+            raise ConfigError(f"ema.decay must be in (0, 1), got {self.ema.decay}")
         if self.parallel.ep_size < 1:
             raise ConfigError("parallel.ep_size must be >= 1")
         if self.data.source == "shards" and not self.data.urls:

@@ -71,8 +71,9 @@ class CheckpointDir:
             raise FileNotFoundError(f"checkpoint {self.root / tag} named by {f} is missing")
         return tag
 
-    def save(self, engine, step: int, client_state: Dict[str, Any]) -> Path:
-        """Collective: every rank calls it."""
+    def save(self, engine, step: int, client_state: Dict[str, Any],
+             rank_state: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective: every rank calls it. ``rank_state``: this rank's own extra state (e.g. its EMA shard)."""
         tag = f"step_{step}"
         tmp_tag = f".tmp-{tag}"
         if _is_main():
@@ -83,6 +84,8 @@ class CheckpointDir:
         # copy of frozen experts for every rank (docs/DECISIONS.md)
         engine.save_checkpoint(str(self.root), tag=tmp_tag, client_state=client_state, save_latest=False,
                                exclude_frozen_parameters=True)
+        if rank_state is not None:
+            torch.save(rank_state, self.root / tmp_tag / _rank_file())
         _barrier()
         if _is_main():
             final = self.root / tag
@@ -109,3 +112,16 @@ class CheckpointDir:
         if client is None:
             raise RuntimeError(f"checkpoint {self.root / tag} could not be loaded")
         return client
+
+    def load_rank_state(self, tag: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """This rank's ``rank_state`` of ``tag`` (default: latest); None if it was saved without one."""
+        tag = tag or self.latest()
+        if tag is None:
+            return None
+        f = self.root / tag / _rank_file()
+        return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+
+
+def _rank_file() -> str:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return f"d2m_rank_{rank:05d}.pt"

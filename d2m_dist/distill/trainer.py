@@ -28,6 +28,7 @@ from d2m_dist.ckpt.checkpoint import CheckpointDir, rng_state, set_rng_state
 from d2m_dist.config import ConfigError, StageConfig, to_dict
 from d2m_dist.distill import losses as L
 from d2m_dist.distill.batches import DigitsBatches, ShardBatches
+from d2m_dist.distill.ema import StudentEMA
 from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
 from d2m_dist.distill.stages import set_trainable, stage_top_k, stage_trainable
 from d2m_dist.distill.taps import tapped
@@ -36,6 +37,7 @@ from d2m_dist.models.flux import call_flux, load_flux_config, load_teacher
 from d2m_dist.models.mob import apply_mob, mob_groups
 from d2m_dist.models.moe import moe_layers, set_top_k
 from d2m_dist.models.portable import StudentMeta, load_student
+from d2m_dist.models.precision import bf16_autocast
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.parallel import deepspeed_setup as dss
 from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
@@ -101,6 +103,7 @@ class StageTrainer:
                 layer.balance_group = dist.group.WORLD
         self.engine = dss.student_engine(student.to(self.device), cfg, self.info)
         self.student = self.engine.module
+        self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
         self.teacher = self._build_teacher()
         self.batches = make_batches(cfg, self.info)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
@@ -134,6 +137,11 @@ class StageTrainer:
         self.last_load = client.get("last_load", {})
         set_rng_state(client["rng"][self.info.rank] if isinstance(client["rng"], list) else client["rng"])
         self.batches.load_state_dict(client.get("data", {}))
+        if self.ema is not None:
+            try:
+                self.ema.load_state_dict((self.ckpt.load_rank_state() or {}).get("ema"))
+            except ValueError as exc:
+                raise ConfigError(f"{self.ckpt.root / self.ckpt.latest()}: {exc}") from None
         log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
 
     def _client_state(self) -> Dict:
@@ -145,6 +153,12 @@ class StageTrainer:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history, "rng": rngs,
                 "data": self.batches.state_dict(), "last_load": self.last_load, "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None}
 
+    def _rank_state(self) -> Optional[Dict]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else None
+
+    def _save(self) -> None:
+        self.ckpt.save(self.engine, self.step, self._client_state(), self._rank_state())
+
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
         log.warning("received signal %d: checkpointing at the end of this step", signum)
@@ -154,7 +168,7 @@ class StageTrainer:
     def _losses(self, inputs, target) -> Dict[str, torch.Tensor]:
         w = self.cfg.loss
         t0 = time.perf_counter()
-        with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats:
+        with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats, self._autocast():
             t_out = call_flux(self.teacher, inputs)
         self._t_teacher += time.perf_counter() - t0
         with tapped(self.student, detach=False) as s_feats:
@@ -194,7 +208,7 @@ class StageTrainer:
         for micro in range(accum):
             t0 = time.perf_counter()
             inputs, target = self.batches.get(self.step * accum + micro)
-            inputs = inputs.to(self.device, dtype=self._dtype())
+            inputs = inputs.to(self.device)  # fp32: autocast (bf16 mode) casts inside the matrix products
             t1 = time.perf_counter()
             out = self._losses(inputs, target)
             finite = bool(torch.isfinite(out["total"]).item())
@@ -209,6 +223,8 @@ class StageTrainer:
             t_data += t1 - t0
             for k, v in _mean_over_ranks(out).items():
                 values[k] = values.get(k, 0.0) + v / accum
+        if self.ema is not None:
+            self.ema.update()
         values["time/data"] = t_data
         values["time/teacher_forward"] = self._t_teacher
         values["time/student_forward_backward"] = t_fwd - self._t_teacher
@@ -216,8 +232,9 @@ class StageTrainer:
         values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
 
-    def _dtype(self):
-        return torch.bfloat16 if dss.use_bf16(self.cfg, self.info) else torch.float32
+    def _autocast(self):
+        """The teacher's autocast; the student's comes from its engine (DeepSpeed ``torch_autocast``)."""
+        return bf16_autocast(self.device.type, dss.use_bf16(self.cfg, self.info))
 
     # -- the loop --------------------------------------------------------------------
 
@@ -240,7 +257,7 @@ class StageTrainer:
                     log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.bad_in_row)
                     if self.bad_in_row >= cfg.max_bad_steps:
                         self.ckpt.root = self.stage_dir / "diagnostic"
-                        self.ckpt.save(self.engine, self.step, self._client_state())
+                        self._save()
                         log.error("%d non-finite losses in a row: diagnostic checkpoint in %s", self.bad_in_row,
                                   self.ckpt.root)
                         return EXIT_DIVERGED
@@ -262,7 +279,7 @@ class StageTrainer:
                 stop = any_true(self._signal is not None, self.device)
                 periodic = cfg.ckpt.every and self.step % cfg.ckpt.every == 0
                 if stop or periodic or self.step == cfg.steps:
-                    self.ckpt.save(self.engine, self.step, self._client_state())
+                    self._save()
                 if stop:
                     log.warning("stopped by signal at step %d; run the same command to resume", self.step)
                     return EXIT_PREEMPTED
@@ -289,8 +306,9 @@ class StageTrainer:
         n = max(1, self.cfg.log.sample_count // 10)
         ecfg = EvalConfig(n_per_digit=n, steps=10, seed=0)
         was_training = self.student.training
-        acc, images = evaluate([("teacher", self._teacher_module(), None), ("student", self.student, None)],
-                               teacher_card(self.cfg.teacher.path), ecfg)
+        with self._autocast():
+            acc, images = evaluate([("teacher", self._teacher_module(), None), ("student", self.student, None)],
+                                   teacher_card(self.cfg.teacher.path), ecfg)
         self.student.train(was_training)
         if not self.info.is_main:
             return None
@@ -360,12 +378,16 @@ def export_student(trainer: "StageTrainer") -> Optional[Path]:
     from d2m_dist.models.portable import write_student
 
     sd = dss.gather_full_state_dict(trainer.student, trainer.ep_group)
+    ema = trainer.ema is not None and trainer.cfg.ema.export
+    if ema:
+        sd.update(trainer.ema.full_state_dict())  # collective
     if not trainer.info.is_main:
         return None
     meta = trainer.meta
     mob = to_dict(trainer.cfg.mob) if trainer.cfg.stage == 3 and not meta.mob.get("enabled") else meta.mob
     out_meta = StudentMeta(meta.base_model, meta.moe, meta.site_specs, mob, meta.dtype,
-                           {**meta.extra, "stage": trainer.cfg.stage, "step": trainer.step})
+                           {**meta.extra, "stage": trainer.cfg.stage, "step": trainer.step,
+                            "weights": f"ema {trainer.cfg.ema.decay}" if ema else "last"})
     from d2m_dist.models.portable import read_provenance
 
     try:

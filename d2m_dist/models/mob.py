@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2m_dist.config import ConfigError, MoBConfig, MoBGroupConfig
+from d2m_dist.models.precision import fp32_region
 
 GATE_MODES = ("straight_through", "score", "one")
 
@@ -40,8 +41,9 @@ class MoBRouter(nn.Module):
             nn.init.normal_(self.w_y.weight, std=0.02)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([hidden.float().mean(1), context.float().mean(1)], dim=-1)
-        return self.alpha * self.w_x(pooled) + (1 - self.alpha) * self.w_y(temb.float())
+        with fp32_region(hidden.device.type):
+            pooled = torch.cat([hidden.float().mean(1), context.float().mean(1)], dim=-1)
+            return self.alpha * self.w_x(pooled) + (1 - self.alpha) * self.w_y(temb.float())
 
 
 class MoBGroup(nn.Module):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2m_dist.models import _megatron as mu
+from d2m_dist.models.precision import fp32_region
 from d2m_dist.models.spec import SiteShape
 
 
@@ -174,7 +175,8 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x2: torch.Tensor):
         """Routing for flat tokens ``x2`` [T, D]: (probs [T, n], routing_map [T, n], logits)."""
-        logits = F.linear(x2.float(), self.router.weight.float())
+        with fp32_region(x2.device.type):
+            logits = F.linear(x2.float(), self.router.weight.float())
         if self.unit_gates:
             routing_map = torch.ones_like(logits, dtype=torch.bool)
             return torch.ones_like(logits), routing_map, logits

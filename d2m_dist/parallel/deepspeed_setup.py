@@ -138,7 +138,9 @@ def student_config(cfg: StageConfig, info: DistInfo) -> Dict:
         "wall_clock_breakdown": False,
     }
     if use_bf16(cfg, info):
-        ds["bf16"] = {"enabled": True}
+        # fp32 master weights and optimizer; bf16 matrix products inside the engine's forward.
+        # Linear weights' gradients are reduced in bf16 (DeepSpeed's comm_dtype), experts' in fp32
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return ds
 
 

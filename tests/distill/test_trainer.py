@@ -68,7 +68,9 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
 
 
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, digits_teacher, digits_student):
-    steps = ["steps=24", "parallel.ep_size=2", "data.batch_size=4", "ckpt.every=5"]
+    # with an EMA: its per-rank shards are part of the checkpoint, and the export is the average
+    steps = ["steps=24", "parallel.ep_size=2", "data.batch_size=4", "ckpt.every=5", "ema.enabled=true",
+             "ema.decay=0.9"]
     full = tmp_path / "full"
     full.mkdir()
     p = launch(stage_config(full, digits_teacher, digits_student), 2, *steps)
@@ -97,8 +99,35 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, digits_teacher, digi
     assert a["history"] == b["history"]  # identical loss sequence, bitwise
     wa, wb = read_state_dict(full / "run" / "stage2" / "export"), read_state_dict(part / "run" / "stage2" / "export")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((part / "run" / "stage2" / "export" / "d2m_config.json").read_text())["extra"]["weights"] == "ema 0.9"
     # the resumed run logged into the run it started
     assert b["wandb_run_id"] == (part / "run" / "stage2" / "wandb_run_id").read_text().strip()
+
+
+def test_stage1_zero3_two_ranks_equal_one_rank_with_ema_and_bf16(tmp_path, digits_teacher, digits_student):
+    """Stage 1 runs its student under ZeRO-3: the EMA is averaged per partition and gathered at export."""
+    common = ["steps=4", "optim.lr=1e-3", "ema.enabled=true", "ema.decay=0.5"]
+    runs = {}
+    for name, nproc, bs, extra in (("n1", 1, 8, []), ("n2", 2, 4, []), ("bf16", 2, 4, ["precision=bf16"])):
+        d = tmp_path / name
+        d.mkdir()
+        p = launch(stage_config(d, digits_teacher, digits_student, stage=1), nproc, *common,
+                   f"data.batch_size={bs}", *extra)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[name] = (summary(d / "run", 1), read_state_dict(d / "run" / "stage1" / "export"))
+    (s1, w1), (s2, w2), (sb, wb) = runs["n1"], runs["n2"], runs["bf16"]
+    torch.testing.assert_close(torch.tensor(s2["history"]["loss"]), torch.tensor(s1["history"]["loss"]),
+                               rtol=1e-5, atol=1e-6)
+    init = read_state_dict(digits_student)
+    shared = [k for k in w1 if ".shared." in k]
+    assert shared and any(not torch.equal(w1[k], init[k]) for k in shared)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    # bf16 autocast: matrix products in bf16 (the losses move), weights and export stay fp32
+    lb, l2 = torch.tensor(sb["history"]["loss"]), torch.tensor(s2["history"]["loss"])
+    assert not torch.equal(lb, l2)
+    torch.testing.assert_close(lb, l2, rtol=2e-2, atol=0)
+    assert all(t.dtype == torch.float32 for t in wb.values())
 
 
 def test_nan_losses_skip_then_stop_with_diagnostic_checkpoint(tmp_path, digits_teacher, digits_student):
