@@ -1,11 +1,15 @@
 """Experiment tracking: wandb on rank 0, offline unless the user chose otherwise.
 
 The run id is created once per stage directory and stored there, so a resumed
-or requeued job logs into the same run.
+or requeued job logs into the same run. Every logged step is also appended to
+``<stage_dir>/metrics.jsonl`` (rank 0), which needs no wandb to read; a resumed
+run appends after it, so steps between the last checkpoint and a preemption
+appear twice there (the later line is the one that counts).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -22,6 +26,7 @@ class Tracker:
 
     def __init__(self, stage_dir: Path, project: str, name: str, config: Dict[str, Any], enabled: bool, is_main: bool):
         self.run = None
+        self.metrics_file = stage_dir / "metrics.jsonl" if is_main else None
         id_file = stage_dir / "wandb_run_id"
         if is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +52,9 @@ class Tracker:
             self.run = None
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
+        if self.metrics_file is not None:
+            with open(self.metrics_file, "a") as fh:
+                fh.write(json.dumps({"step": step, **metrics}) + "\n")
         self._guard("log", lambda: self.run.log(metrics, step=step))
 
     def log_image(self, key: str, path: Path, step: int) -> None:

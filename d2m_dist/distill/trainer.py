@@ -40,6 +40,7 @@ from d2m_dist.models.portable import StudentMeta, load_student
 from d2m_dist.models.precision import bf16_autocast
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.parallel import deepspeed_setup as dss
+from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
 
 log = logging.getLogger("d2m_dist.train")
@@ -167,10 +168,11 @@ class StageTrainer:
 
     def _losses(self, inputs, target) -> Dict[str, torch.Tensor]:
         w = self.cfg.loss
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), COMM_CLOCK.seconds()
         with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats, self._autocast():
             t_out = call_flux(self.teacher, inputs)
         self._t_teacher += time.perf_counter() - t0
+        self._c_teacher += COMM_CLOCK.seconds() - c0
         with tapped(self.student, detach=False) as s_feats:
             s_out = call_flux(self.engine, inputs)
         out: Dict[str, torch.Tensor] = {}
@@ -199,36 +201,58 @@ class StageTrainer:
     def _teacher_module(self):
         return getattr(self.teacher, "module", self.teacher)
 
-    def train_step(self) -> Optional[Dict[str, float]]:
-        """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite loss)."""
+    def train_step(self, measure_comm: bool = False) -> Optional[Dict[str, float]]:
+        """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite loss).
+
+        ``measure_comm``: split communication out of the step's times (synchronises around
+        every collective, so only the steps that log ask for it).
+        """
+        if measure_comm:
+            COMM_CLOCK.start()
+        try:
+            return self._train_step()
+        finally:
+            if measure_comm:
+                COMM_CLOCK.stop()
+
+    def _train_step(self) -> Optional[Dict[str, float]]:
         accum = self.cfg.optim.grad_accum
         values: Dict[str, float] = {}
-        t_data = t_fwd = t_step = 0.0
-        self._t_teacher = 0.0
+        t_data = t_fwd_bwd = t_step = c_fwd_bwd = c_step = 0.0
+        self._t_teacher = self._c_teacher = 0.0
         for micro in range(accum):
             t0 = time.perf_counter()
             inputs, target = self.batches.get(self.step * accum + micro)
             inputs = inputs.to(self.device)  # fp32: autocast (bf16 mode) casts inside the matrix products
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), COMM_CLOCK.seconds()
             out = self._losses(inputs, target)
             finite = bool(torch.isfinite(out["total"]).item())
             if any_true(not finite, self.device):
                 self.engine.zero_grad()  # drop what earlier micro-steps of this step accumulated
                 return None
             self.engine.backward(out["total"])
-            t2 = time.perf_counter()
+            t2, c2 = time.perf_counter(), COMM_CLOCK.seconds()
             self.engine.step()  # gradient reduction (ZeRO) and the optimizer
             t_step += time.perf_counter() - t2
-            t_fwd += t2 - t1
+            c_step += COMM_CLOCK.seconds() - c2
+            t_fwd_bwd += t2 - t1
+            c_fwd_bwd += c2 - c1
             t_data += t1 - t0
             for k, v in _mean_over_ranks(out).items():
                 values[k] = values.get(k, 0.0) + v / accum
         if self.ema is not None:
             self.ema.update()
         values["time/data"] = t_data
-        values["time/teacher_forward"] = self._t_teacher
-        values["time/student_forward_backward"] = t_fwd - self._t_teacher
-        values["time/reduce_and_optimizer"] = t_step
+        if COMM_CLOCK.enabled:
+            # each phase without its collectives; all collectives together as communication
+            values["time/teacher_forward"] = self._t_teacher - self._c_teacher
+            values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher - (c_fwd_bwd - self._c_teacher)
+            values["time/optimizer"] = t_step - c_step
+            values["time/communication"] = c_fwd_bwd + c_step
+        else:
+            values["time/teacher_forward"] = self._t_teacher
+            values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher
+            values["time/reduce_and_optimizer"] = t_step
         values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
 
@@ -250,7 +274,8 @@ class StageTrainer:
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
-                values = self.train_step()
+                logs = self.step + 1 == cfg.steps or (self.step + 1) % max(1, cfg.log.every) == 0
+                values = self.train_step(measure_comm=logs)
                 if values is None:
                     self.skipped_steps += 1
                     self.bad_in_row += 1

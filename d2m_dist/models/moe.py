@@ -30,6 +30,7 @@ from torch import nn
 
 from d2m_dist.models import _megatron as mu
 from d2m_dist.models.precision import fp32_region
+from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.models.spec import SiteShape
 
 
@@ -41,7 +42,8 @@ class _AllToAll(torch.autograd.Function):
         ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
         x = x.contiguous()
         out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
+        with COMM_CLOCK.measure(x.device):
+            dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
         return out
 
     @staticmethod
@@ -241,7 +243,8 @@ class MoEFeedForward(nn.Module):
         # how many tokens of mine go to each (rank, local expert), and how many I get
         send_counts = tokens_per_expert.to(torch.int64)
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
+        with COMM_CLOCK.measure(send_counts.device):
+            dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
         input_splits = send_counts.view(ep, nl).sum(1).tolist()
         output_splits = recv_counts.view(ep, nl).sum(1).tolist()
         received = all_to_all(permuted, output_splits, input_splits, self.ep_group)

@@ -62,6 +62,15 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
     # per-element differences of a few 1e-6 (updates are lr=1e-3 sized): compare at 1e-5
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    # the step-time split, logged every step (log.every=1): communication apart from compute
+    split = ("time/data", "time/teacher_forward", "time/student_forward_backward", "time/optimizer",
+             "time/communication")
+    lines = [json.loads(l) for l in (tmp_path / "n2" / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    timed = [l for l in lines if "time/data" in l]
+    assert [l["step"] for l in timed] == [1, 2, 3, 4, 5]
+    for l in timed:
+        assert all(l[k] >= 0 for k in split), l
+        assert l["time/communication"] > 0  # the token all_to_all and ZeRO's reductions
     # the routed experts did train
     init = read_state_dict(digits_student)
     assert any(not torch.equal(w1[k], init[k]) for k in experts)
