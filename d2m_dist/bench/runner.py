@@ -56,7 +56,17 @@ def _bench_data(kv: Dict[str, str]):
     return rows, list(rows[0])
 
 
-BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition, "data": _bench_data}
+def _bench_step(kv: Dict[str, str]):
+    from d2m_dist.bench import step
+
+    rows = step.run(teacher=kv.pop("teacher", "meta:flux1-dev"), spec=kv.pop("spec", "1S12E2A"),
+                    batch=int(kv.pop("batch", 1)), image_tokens=int(kv.pop("image_tokens", 4096)),
+                    text_tokens=int(kv.pop("text_tokens", 512)), repeats=int(kv.pop("repeats", 5)),
+                    device=kv.pop("device", "auto"))
+    return rows, list(rows[0])
+
+
+BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition, "data": _bench_data, "step": _bench_step}
 
 
 def run_benchmark(name: str, overrides: Sequence[str], out: Optional[str] = None) -> int:

@@ -11,7 +11,10 @@ in for CLIP's pooled vector (``pooled_projections``).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Sequence, Tuple
 
 import torch
@@ -47,9 +50,32 @@ def encode_captions(captions: Sequence[str], max_tokens: int) -> Tuple[torch.Ten
 
 
 # The digits preset encodes the same eleven captions again and again (training,
-# every evaluation); the encoder is deterministic, so cache by caption tuple.
+# every evaluation); the encoder is deterministic, so cache by caption tuple: in
+# memory, and on disk under $D2M_TEXT_CACHE when set (launchers/env.sh sets it),
+# which spares each new process the encoder's load and lets a machine without
+# the encoder package sample the digits preset.
 @functools.lru_cache(maxsize=64)
 def _encode(captions: Tuple[str, ...], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    cache = os.environ.get("D2M_TEXT_CACHE")
+    if not cache:
+        return _run_encoder(captions, max_tokens)
+    key = hashlib.sha256(json.dumps([TEXT_ENCODER_NAME, max_tokens, list(captions)]).encode()).hexdigest()[:32]
+    path = Path(cache) / f"{key}.pt"
+    if path.is_file():
+        try:
+            hit = torch.load(path, map_location="cpu", weights_only=True)
+            return hit["embeds"], hit["pooled"]
+        except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed and rewritten
+            pass
+    embeds, pooled = _run_encoder(captions, max_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"embeds": embeds, "pooled": pooled}, tmp)
+    os.replace(tmp, path)  # concurrent ranks write identical bytes; the rename keeps readers whole
+    return embeds, pooled
+
+
+def _run_encoder(captions: Tuple[str, ...], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
     model = load_text_encoder()
     with torch.inference_mode():
         states = model.encode(captions, output_value="token_embeddings", convert_to_numpy=False,
