@@ -170,7 +170,7 @@ class StageTrainer:
         w = self.cfg.loss
         t0, c0 = time.perf_counter(), COMM_CLOCK.seconds()
         with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats, self._autocast():
-            t_out = call_flux(self.teacher, inputs)
+            t_out = call_flux(self.teacher, inputs.to(dtype=self._teacher_dtype))
         self._t_teacher += time.perf_counter() - t0
         self._c_teacher += COMM_CLOCK.seconds() - c0
         with tapped(self.student, detach=False) as s_feats:
@@ -197,6 +197,12 @@ class StageTrainer:
             out["teacher_flow"] = torch.mean((t_out.float() - target.to(t_out.device).float()) ** 2)
         out["total"] = total
         return out
+
+    @property
+    def _teacher_dtype(self) -> torch.dtype:
+        # a bf16 teacher takes bf16 inputs: DeepSpeed switches autocast off inside an engine
+        # that uses its own bf16 mode (the ZeRO-3 teacher), so autocast cannot cast them there
+        return next(self._teacher_module().parameters()).dtype
 
     def _teacher_module(self):
         return getattr(self.teacher, "module", self.teacher)
