@@ -238,7 +238,10 @@ class LogConfig:
     wandb: bool = True
     project: str = "d2m"
     sample_every: int = 0  # teacher/student sample grid every N steps (0: only at the end)
-    sample_count: int = 10
+    sample_count: int = 10  # digits: images per digit = count // 10; VAE presets: prompts from the shards
+    sample_steps: int = 20  # Euler steps per sample
+    # VAE that decodes the grid of a latent-space preset; None: vae/ in the teacher's pipeline folder
+    sample_vae: Optional[str] = None
     progress: bool = True
 
 

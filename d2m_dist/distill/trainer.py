@@ -114,6 +114,7 @@ class StageTrainer:
         self.history: Dict[str, list] = {"loss": []}
         self.last_load: Dict[str, Dict[str, float]] = {}
         self._signal = None
+        self._grid = None  # latent presets: (prompts, VAE) once loaded; False when there is no VAE
         self._resume()
         self.tracker = Tracker(self.stage_dir, cfg.log.project, f"stage{cfg.stage}", to_dict(cfg),
                                cfg.log.wandb, self.info.is_main)
@@ -323,19 +324,25 @@ class StageTrainer:
             self.tracker.finish()
 
     def sample_grid(self) -> Optional[Path]:
-        """Teacher vs student samples (digits preset): PNG under the stage folder and in wandb.
+        """Teacher vs student samples from the same noise: a PNG under the stage folder and in wandb.
 
         Collective: every rank samples (expert-parallel layers exchange tokens), rank 0 writes.
+        The digits preset samples each digit's caption; presets on VAE latents sample the
+        first prompts of the training shards and decode with the teacher pipeline's VAE.
         """
-        from d2m_dist.convert.digits_calibration import CARD_FILE, teacher_card
+        from d2m_dist.convert.digits_calibration import CARD_FILE
 
         root = Path(self.cfg.teacher.path)
-        if not ((root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file()):
-            return None  # a VAE-decoded grid for FLUX presets is not built yet
+        if (root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file():
+            return self._digits_grid()
+        return self._latent_grid()
+
+    def _digits_grid(self) -> Optional[Path]:
+        from d2m_dist.convert.digits_calibration import teacher_card
         from d2m_dist.eval.digits_eval import EvalConfig, evaluate, save_grid
 
         n = max(1, self.cfg.log.sample_count // 10)
-        ecfg = EvalConfig(n_per_digit=n, steps=10, seed=0)
+        ecfg = EvalConfig(n_per_digit=n, steps=self.cfg.log.sample_steps, seed=0)
         was_training = self.student.training
         with self._autocast():
             acc, images = evaluate([("teacher", self._teacher_module(), None), ("student", self.student, None)],
@@ -346,6 +353,39 @@ class StageTrainer:
         path = save_grid(images, n, self.stage_dir / "samples" / f"step_{self.step:06d}.png")
         self.tracker.log_image("samples", path, self.step)
         self.tracker.log({f"digit_accuracy/{k}": v for k, v in acc.items()}, self.step)
+        return path
+
+    def _latent_grid(self) -> Optional[Path]:
+        from d2m_dist.eval import flux_samples as fs
+        from d2m_dist.models.sampling import SamplerConfig
+
+        if self.cfg.data.source != "shards":
+            return None
+        if self._grid is None:
+            vae_dir = fs.find_vae(self.cfg.teacher.path, self.cfg.log.sample_vae)
+            if vae_dir is None:
+                log.warning("no sample grid: the teacher %s has no vae/ beside it; set log.sample_vae",
+                            self.cfg.teacher.path)
+                self._grid = False
+                return None
+            self._grid = (fs.prompts_from_shards(self.cfg.data.urls, self.cfg.log.sample_count),
+                          fs.load_vae(vae_dir, self.device))
+            if self.info.is_main:
+                prompts = self.stage_dir / "samples" / "prompts.txt"
+                prompts.parent.mkdir(parents=True, exist_ok=True)
+                prompts.write_text("".join(f"{c}\n" for c in self._grid[0].captions))
+        if self._grid is False:
+            return None
+        prompts, vae = self._grid
+        embedded = self.batches.guidance if self._teacher_module().config.guidance_embeds else None
+        sampler = SamplerConfig(steps=self.cfg.log.sample_steps, shift=True, embedded_guidance=embedded, seed=0)
+        with self._autocast():
+            latents = fs.sample_models([self._teacher_module(), self.student], prompts, sampler)
+        if not self.info.is_main:
+            return None
+        rows = [fs.decode(vae, x, prompts.latent_shape) for x in latents]
+        path = fs.save_rgb_grid(rows, self.stage_dir / "samples" / f"step_{self.step:06d}.png")
+        self.tracker.log_image("samples", path, self.step)
         return path
 
     def _log(self, values: Dict[str, float], dt: float, samples_per_step: int) -> None:
