@@ -140,16 +140,41 @@ def test_bad_input_raises_before_any_output(tmp_path, make_input, message):
     assert not out.exists()
 
 
-def test_parquet_needs_pyarrow(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
+def test_parquet_source_with_typed_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        pytest.skip("pyarrow is installed")
-    except ImportError:
-        pass
+    paths, captions, scores = [], [], []
+    for i in range(5):
+        (tmp_path / f"p{i}.png").write_bytes(png_bytes(4, 6, i))
+        paths.append(f"p{i}.png")  # relative to the table's folder
+        captions.append(f"parquet caption {i}" if i != 3 else None)  # a null caption is a missing caption
+        scores.append(0.25 * i)
+    pq.write_table(pa.table({"image": paths, "caption": captions, "score": scores}), tmp_path / "t.parquet")
+    out = tmp_path / "out"
+    m = make_shards(str(tmp_path / "t.parquet"), ShardWriterConfig(out_dir=str(out), max_samples=2))
+    _check_manifest(m, out, 4, 2)
+    assert m.skipped == {"missing_caption": 1}
+    first = _tar_samples(out / m.shards[0].name)["000000000"]
+    assert first["txt"] == b"parquet caption 0" and first["png"] == (tmp_path / "p0.png").read_bytes()
+    assert json.loads(first["json"])["score"] == 0.0  # typed columns stay typed in the sidecar
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    import sys
+
     (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
     with pytest.raises(DataError, match="needs pyarrow"):
         make_shards(str(tmp_path / "t.parquet"), ShardWriterConfig(out_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_parquet_is_one_line(tmp_path):
+    (tmp_path / "t.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(DataError, match="unreadable") as info:
+        make_shards(str(tmp_path / "t.parquet"), ShardWriterConfig(out_dir=str(tmp_path / "out")))
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
