@@ -14,6 +14,7 @@ import sys
 from typing import List, Optional
 
 from d2m_dist.config import ConfigError, ConvertConfig, load_config
+from d2m_dist.data.errors import DataError
 
 
 def _setup_logging() -> None:
@@ -216,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging()
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"d2m: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

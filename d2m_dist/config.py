@@ -85,12 +85,14 @@ class MoBConfig:
 @dataclass
 class CalibrationConfig:
     # random: Gaussian latents and text embeddings of the teacher's shapes (smoke runs);
-    # digits: the embedded digits set encoded by the offline text encoder.
+    # digits: the embedded digits set encoded by the offline text encoder;
+    # shards: precomputed shards (d2m precompute) at ``urls``, read in a fixed order.
     source: str = "random"
+    urls: Optional[str] = None
     num_batches: int = 8
     batch_size: int = 4
     seed: int = 0
-    # random source only: token counts
+    # random source only: token counts (and, for random and shards, the guidance-embedding value)
     image_tokens: int = 16
     text_tokens: int = 8
     guidance: float = 3.5

@@ -56,3 +56,32 @@ def save_tiny_teacher(root, seed: int = 0, **overrides):
     model.save_pretrained(root / "transformer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
     return model
+
+
+def write_precomputed_shards(folder, shards: int = 2, per_shard: int = 6, latent=(16, 4, 4), text_tokens: int = 6,
+                             dim: int = 16, pooled_dim=None, seed: int = 0) -> str:
+    """Synthetic shards in ``d2m precompute``'s output format; returns their brace pattern."""
+    import io
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    import webdataset as wds
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        with wds.TarWriter(str(folder / f"pre-{s:06d}.tar"), encoder=False, mtime=0) as tar:
+            for i in range(per_shard):
+                tar.write({"__key__": f"{s}{i:05d}", "txt": f"prompt {s}-{i}".encode(),
+                           "json": json.dumps({"original_size": [8 * latent[1], 8 * latent[2]]}).encode(),
+                           "latent.npy": npy(rng.standard_normal(latent).astype(np.float32)),
+                           "prompt_embeds.npy": npy(rng.standard_normal((text_tokens, dim)).astype(np.float32)),
+                           "pooled.npy": npy(rng.standard_normal(pooled_dim or dim).astype(np.float32))})
+    return str(folder / f"pre-{{000000..{shards - 1:06d}}}.tar")

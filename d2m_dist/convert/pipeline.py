@@ -36,7 +36,17 @@ BatchSource = Callable[[object], Iterable[FlowBatch]]
 def validate_convert_config(cfg: ConvertConfig) -> None:
     choice("partition.strategy", cfg.partition.strategy, STRATEGIES)
     choice("partition.router_init", cfg.partition.router_init, ROUTER_INITS)
-    choice("calibration.source", cfg.calibration.source, ("random", "digits"))
+    choice("calibration.source", cfg.calibration.source, ("random", "digits", "shards"))
+    if cfg.calibration.source == "shards":
+        from d2m_dist.data.errors import DataError
+        from d2m_dist.data.stream import expand_shard_urls
+
+        if not cfg.calibration.urls:
+            raise ConfigError("calibration.urls must name the precomputed shards when calibration.source=shards")
+        try:
+            expand_shard_urls(cfg.calibration.urls)
+        except DataError as exc:
+            raise ConfigError(f"calibration: {exc}") from None
     choice("device", cfg.device, ("auto", "cpu", "cuda"))
     if cfg.calibration.num_batches < 1 or cfg.calibration.batch_size < 1:
         raise ConfigError("calibration: num_batches and batch_size must be >= 1")
@@ -156,9 +166,39 @@ def run_convert(
     return write_student(out, state, meta, parts, overwrite=cfg.overwrite)
 
 
+def shard_batches(model_config, cfg: ConvertConfig) -> Iterator[FlowBatch]:
+    """The first ``num_batches`` batches of an unshuffled epoch over the precomputed shards.
+
+    Every rank reads the same sequence (one reader, fixed order) and keeps its
+    share by index, so the scores do not depend on the world size.
+    """
+    from d2m_dist.data.stream import ShardStream, StreamConfig
+    from d2m_dist.distill.batches import check_batch_shapes, precomputed_flow_batch
+
+    c = cfg.calibration
+    stream = ShardStream(StreamConfig(urls=c.urls, kind="precomputed", mode="epoch", batch_size=c.batch_size,
+                                      seed=c.seed, rank=0, world_size=1, num_workers=0, shuffle_buffer=0))
+    guidance = c.guidance if model_config.guidance_embeds else None
+    n = 0
+    for b in stream:
+        if n == c.num_batches:
+            return
+        batch = precomputed_flow_batch(b, guidance)
+        if n == 0:
+            check_batch_shapes(batch, model_config, f"calibration.urls {c.urls}")
+        batch.index = n
+        yield batch
+        n += 1
+    if n < c.num_batches:
+        log.warning("calibration: the shards held %d batches of %d, fewer than num_batches=%d", n, c.batch_size,
+                    c.num_batches)
+
+
 def calibration_batches(model_config, cfg: ConvertConfig) -> Iterable[FlowBatch]:
     if cfg.calibration.source == "random":
         return random_batches(model_config, cfg)
+    if cfg.calibration.source == "shards":
+        return shard_batches(model_config, cfg)
     from d2m_dist.convert.digits_calibration import digits_batches
 
     return digits_batches(cfg.teacher.path, cfg.calibration)

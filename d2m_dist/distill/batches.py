@@ -11,7 +11,7 @@ the position is just the step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -61,29 +61,22 @@ class ShardBatches:
     """
 
     def __init__(self, urls: str, batch_size: int, rank: int, world: int, seed: int, num_workers: int,
-                 guidance: float | None, max_tokens: int | None = None):
+                 guidance: float | None, max_tokens: int | None = None, model_config=None):
         from d2m_dist.data.stream import ShardStream, StreamConfig
 
         self.stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode="resampled", batch_size=batch_size,
                                                seed=seed, rank=rank, world_size=world, num_workers=num_workers))
         self.rank, self.seed, self.guidance = rank, seed, guidance
+        self.urls, self.model_config, self._checked = urls, model_config, False
         self._it = None
 
     def get(self, step: int) -> Tuple[FluxInputs, torch.Tensor]:
-        from d2m_dist.models.flow import FlowBatch
-        from d2m_dist.models.flux import latent_image_ids, pack_latents
-
         if self._it is None:
             self._it = iter(self.stream)
-        b = next(self._it)
-        latents = torch.as_tensor(b["latent"]).float()  # [B, C, h, w]
-        _, _, h, w = latents.shape
-        embeds = torch.as_tensor(b["prompt_embeds"]).float()
-        batch = FlowBatch(
-            latents=pack_latents(latents), prompt_embeds=embeds, pooled=torch.as_tensor(b["pooled"]).float(),
-            img_ids=latent_image_ids(h // 2, w // 2), txt_ids=torch.zeros(embeds.shape[1], 3),
-            guidance=None if self.guidance is None else torch.full((latents.shape[0],), float(self.guidance)),
-        )
+        batch = precomputed_flow_batch(next(self._it), self.guidance)
+        if self.model_config is not None and not self._checked:
+            check_batch_shapes(batch, self.model_config, f"data.urls {self.urls}")
+            self._checked = True
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 997 + self.rank)
         return noised_inputs(batch, gen)
 
@@ -93,3 +86,33 @@ class ShardBatches:
     def load_state_dict(self, state: Dict) -> None:
         if state:
             self.stream.load_state_dict(state)
+
+
+def precomputed_flow_batch(b: Dict, guidance: Optional[float]):
+    """A batch of the precomputed stream (``latent`` [B, C, h, w], embeddings) as a packed FlowBatch."""
+    from d2m_dist.models.flow import FlowBatch
+    from d2m_dist.models.flux import latent_image_ids, pack_latents
+
+    latents = torch.as_tensor(b["latent"]).float()
+    _, _, h, w = latents.shape
+    embeds = torch.as_tensor(b["prompt_embeds"]).float()
+    return FlowBatch(
+        latents=pack_latents(latents), prompt_embeds=embeds, pooled=torch.as_tensor(b["pooled"]).float(),
+        img_ids=latent_image_ids(h // 2, w // 2), txt_ids=torch.zeros(embeds.shape[1], 3),
+        guidance=None if guidance is None else torch.full((latents.shape[0],), float(guidance)),
+    )
+
+
+def check_batch_shapes(batch, model_config, source: str) -> None:
+    """A clear one-line error when precomputed data does not fit the model (instead of a matmul error)."""
+    from d2m_dist.config import ConfigError
+
+    have = {"latent channels x 4 (packed)": batch.latents.shape[-1],
+            "prompt_embeds width": batch.prompt_embeds.shape[-1], "pooled width": batch.pooled.shape[-1]}
+    want = {"latent channels x 4 (packed)": model_config.in_channels,
+            "prompt_embeds width": model_config.joint_attention_dim,
+            "pooled width": model_config.pooled_projection_dim}
+    for name, value in have.items():
+        if value != want[name]:
+            raise ConfigError(f"{source}: {name} is {value}, the model takes {want[name]} "
+                              f"(shards precomputed for another model?)")

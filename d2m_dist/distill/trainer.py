@@ -73,6 +73,14 @@ def check_inputs(cfg: StageConfig, world: int) -> StudentMeta:
         n = MoESpec.parse(text).num_experts
         if n % ep:
             raise ConfigError(f"parallel.ep_size={ep} does not divide the {n} experts of site {site}")
+    if cfg.data.source == "shards":
+        from d2m_dist.data.errors import DataError
+        from d2m_dist.data.stream import expand_shard_urls
+
+        try:
+            expand_shard_urls(cfg.data.urls)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.stage == 3 and not meta.mob.get("enabled") and not cfg.mob.enabled:
         raise ConfigError("stage 3 needs Mixture-of-Blocks groups: set mob.enabled=true and mob.double/mob.single")
     return meta
@@ -106,7 +114,7 @@ class StageTrainer:
         self.student = self.engine.module
         self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
         self.teacher = self._build_teacher()
-        self.batches = make_batches(cfg, self.info)
+        self.batches = make_batches(cfg, self.info, self._teacher_module().config)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
         self.bad_in_row = 0
@@ -420,7 +428,7 @@ class StageTrainer:
         }
 
 
-def make_batches(cfg: StageConfig, info: DistInfo):
+def make_batches(cfg: StageConfig, info: DistInfo, model_config=None):
     if cfg.data.source == "digits":
         return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed)
     from d2m_dist.convert.digits_calibration import CARD_FILE, teacher_card
@@ -431,7 +439,7 @@ def make_batches(cfg: StageConfig, info: DistInfo):
         has_card = (root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file()
         guidance = teacher_card(cfg.teacher.path).embedded_guidance if has_card else 3.5
     return ShardBatches(cfg.data.urls, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
-                        cfg.data.num_workers, guidance)
+                        cfg.data.num_workers, guidance, model_config=model_config)
 
 
 def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:

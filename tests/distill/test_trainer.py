@@ -165,6 +165,7 @@ def test_nan_losses_skip_then_stop_with_diagnostic_checkpoint(tmp_path, digits_t
         ("missing_init", "not found (run the previous stage first)"),
         ("disagree", "disagree on num_layers"),
         ("unknown_key", "Key 'bogus' not in"),
+        ("no_shards", "match no existing shard file"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_student, capsys, case, expect):
@@ -185,6 +186,8 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
         save_tiny_teacher(teacher, num_single_layers=3)
     elif case == "unknown_key":
         over = ["optim.bogus=1"]
+    elif case == "no_shards":
+        over = ["data.source=shards", f"data.urls={tmp_path}/none-{{000000..000001}}.tar"]
     try:
         rc = main(["train", "--config", str(stage_config(tmp_path, teacher, init)), *over])
     finally:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import io
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from d2m_dist.eval import flux_samples as fs
@@ -19,18 +15,12 @@ LATENT = (16, 4, 4)  # a 32x32 image through an 8x-downsampling, 16-channel VAE
 TXT, DIM = 6, 16
 
 
-def _npy(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A tiny FLUX pipeline folder (transformer + VAE) and two precomputed shards for it."""
     from diffusers import AutoencoderKL
 
-    from tests.tiny import save_tiny_teacher
+    from tests.tiny import save_tiny_teacher, write_precomputed_shards
 
     root = tmp_path_factory.mktemp("flux_pipe")
     save_tiny_teacher(root, in_channels=4 * LATENT[0], joint_attention_dim=DIM, pooled_projection_dim=DIM)
@@ -39,18 +29,7 @@ def pipeline(tmp_path_factory):
                   block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,
                   scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
                   ).save_pretrained(root / "vae")
-    shards = root / "shards"
-    shards.mkdir()
-    rng = np.random.default_rng(0)
-    for s in range(2):
-        with wds.TarWriter(str(shards / f"pre-{s:06d}.tar"), encoder=False, mtime=0) as tar:
-            for i in range(6):
-                tar.write({"__key__": f"{s}{i:05d}", "txt": f"prompt {s}-{i}".encode(),
-                           "json": json.dumps({"original_size": [32, 32]}).encode(),
-                           "latent.npy": _npy(rng.standard_normal(LATENT).astype(np.float32)),
-                           "prompt_embeds.npy": _npy(rng.standard_normal((TXT, DIM)).astype(np.float32)),
-                           "pooled.npy": _npy(rng.standard_normal(DIM).astype(np.float32))})
-    return root, str(shards / "pre-{000000..000001}.tar")
+    return root, write_precomputed_shards(root / "shards", latent=LATENT, text_tokens=TXT, dim=DIM)
 
 
 def test_decode_inverts_the_precompute_scaling(pipeline):
