@@ -102,7 +102,7 @@ def cmd_sample(args) -> int:
 
 def cmd_params(args) -> int:
     """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
-    from d2m_dist.models.accounting import dense_ffn_params, moe_param_report
+    from d2m_dist.models.accounting import count, dense_ffn_params, moe_param_report
     from d2m_dist.models.flux import load_teacher
     from d2m_dist.models.mob import apply_mob
     from d2m_dist.models.spec import select_sites
@@ -113,8 +113,6 @@ def cmd_params(args) -> int:
         overrides.append("output=dry-run")
     cfg = load_config(ConvertConfig, args.config, overrides)
     teacher = load_teacher(cfg.teacher, meta=True)
-    from d2m_dist.models.accounting import count
-
     dense_total, dense_ffn = count(teacher), dense_ffn_params(teacher)
     c = teacher.config
     specs = select_sites(cfg.moe, c.num_layers, c.num_single_layers)

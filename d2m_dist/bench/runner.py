@@ -34,18 +34,16 @@ def _bench_partition(kv: Dict[str, str]):
     from d2m_dist.convert.digits_calibration import digits_batches
 
     teacher = kv.pop("teacher", None)
-    tmp = None
-    if teacher is None:  # a fresh digits teacher (about a minute on 2 cores)
-        from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
+    with tempfile.TemporaryDirectory(prefix="d2m-bench-teacher-") as tmp:
+        if teacher is None:  # a fresh digits teacher (about a minute on 2 cores)
+            from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
 
-        tmp = tempfile.TemporaryDirectory(prefix="d2m-bench-teacher-")
-        teacher = tmp.name
-        pretrain_teacher(PretrainConfig(), teacher, eval_per_digit=10)
-    calib = list(digits_batches(teacher, CalibrationConfig(num_batches=int(kv.pop("calib_batches", 16)), batch_size=32, seed=0)))
-    held = list(digits_batches(teacher, CalibrationConfig(num_batches=8, batch_size=32, seed=12345)))
-    rows = partition.run(teacher, calib, held, spec=kv.pop("spec", "1S12E2A"), top_k=int(kv.pop("k", 2)))
-    if tmp:
-        tmp.cleanup()
+            teacher = str(Path(tmp) / "teacher")
+            pretrain_teacher(PretrainConfig(), teacher, eval_per_digit=10)
+        calib = list(digits_batches(teacher, CalibrationConfig(num_batches=int(kv.pop("calib_batches", 16)),
+                                                               batch_size=32, seed=0)))
+        held = list(digits_batches(teacher, CalibrationConfig(num_batches=8, batch_size=32, seed=12345)))
+        rows = partition.run(teacher, calib, held, spec=kv.pop("spec", "1S12E2A"), top_k=int(kv.pop("k", 2)))
     return rows, ["strategy", "spec", "k", "ffn rel err", "velocity rel err"]
 
 

@@ -12,6 +12,7 @@ naming a complete checkpoint (or none).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 TAG_RE = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
+LAYOUT_FILE = "d2m_layout.json"
 
 
 def rng_state() -> Dict[str, Any]:
@@ -72,8 +74,13 @@ class CheckpointDir:
         return tag
 
     def save(self, engine, step: int, client_state: Dict[str, Any],
-             rank_state: Optional[Dict[str, Any]] = None) -> Path:
-        """Collective: every rank calls it. ``rank_state``: this rank's own extra state (e.g. its EMA shard)."""
+             rank_state: Optional[Dict[str, Any]] = None, layout: Optional[Dict[str, Any]] = None) -> Path:
+        """Collective: every rank calls it.
+
+        ``rank_state``: this rank's own extra state (e.g. its EMA shard); ``layout``: the
+        parallel layout the shards were cut for, checked by :meth:`load` before DeepSpeed
+        reads anything.
+        """
         tag = f"step_{step}"
         tmp_tag = f".tmp-{tag}"
         if _is_main():
@@ -86,6 +93,8 @@ class CheckpointDir:
                                exclude_frozen_parameters=True)
         if rank_state is not None:
             torch.save(rank_state, self.root / tmp_tag / _rank_file())
+        if layout is not None and _is_main():
+            (self.root / tmp_tag / LAYOUT_FILE).write_text(json.dumps(layout, sort_keys=True) + "\n")
         _barrier()
         if _is_main():
             final = self.root / tag
@@ -102,11 +111,25 @@ class CheckpointDir:
         _barrier()
         return self.root / tag
 
-    def load(self, engine, tag: Optional[str] = None) -> Optional[Dict[str, Any]]:
-        """Load ``tag`` (default: latest) into ``engine``; returns the client state, or None if there is none."""
+    def load(self, engine, tag: Optional[str] = None,
+             layout: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+        """Load ``tag`` (default: latest) into ``engine``; returns the client state, or None if there is none.
+
+        ``layout``: this run's parallel layout; a checkpoint cut for another one is refused
+        with one line (ZeRO partitions and expert shards would not fit).
+        """
         tag = tag or self.latest()
         if tag is None:
             return None
+        saved_file = self.root / tag / LAYOUT_FILE
+        if layout is not None and saved_file.is_file():
+            saved = json.loads(saved_file.read_text())
+            diff = [f"{k} {saved.get(k)} (now {v})" for k, v in sorted(layout.items()) if saved.get(k) != v]
+            if diff:
+                from d2m_dist.config import ConfigError
+
+                raise ConfigError(f"checkpoint {self.root / tag} was written with {', '.join(diff)}: resume with "
+                                  f"the same layout, or start the stage afresh in another run_dir")
         _, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True, load_module_strict=False)
         if client is None:

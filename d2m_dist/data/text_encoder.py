@@ -59,7 +59,7 @@ def _encode(captions: Tuple[str, ...], max_tokens: int) -> Tuple[torch.Tensor, t
     cache = os.environ.get("D2M_TEXT_CACHE")
     if not cache:
         return _run_encoder(captions, max_tokens)
-    key = hashlib.sha256(json.dumps([TEXT_ENCODER_NAME, max_tokens, list(captions)]).encode()).hexdigest()[:32]
+    key = hashlib.sha256(json.dumps([TEXT_ENCODER_NAME, "fp32", max_tokens, list(captions)]).encode()).hexdigest()[:32]
     path = Path(cache) / f"{key}.pt"
     if path.is_file():
         try:
@@ -77,7 +77,9 @@ def _encode(captions: Tuple[str, ...], max_tokens: int) -> Tuple[torch.Tensor, t
 
 def _run_encoder(captions: Tuple[str, ...], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
     model = load_text_encoder()
-    with torch.inference_mode():
+    # fp32 always: callers may sit inside a bf16 autocast region (sampling during training),
+    # and the embeddings are cached and shared with code that runs without one
+    with torch.inference_mode(), torch.autocast("cpu", enabled=False):
         states = model.encode(captions, output_value="token_embeddings", convert_to_numpy=False,
                               show_progress_bar=False)
     embeds = torch.zeros(len(captions), max_tokens, EMBED_DIM)

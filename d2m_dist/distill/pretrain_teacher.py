@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,10 +210,26 @@ def save_teacher(model: torch.nn.Module, out: str | Path, cfg: PretrainConfig, e
     package (named in the card, ``d2m_teacher.json``, with everything a caller
     must match: max_tokens, embedded guidance, pixel range).
     """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"teacher output {out} exists and is not an empty folder")
+    # written beside the target and renamed into place: a crash leaves no half teacher
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_teacher(model, tmp, cfg, extra)
+        if out.exists():
+            out.rmdir()  # the empty folder the caller made
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_teacher(model: torch.nn.Module, out: Path, cfg: PretrainConfig, extra: Dict | None) -> None:
     import diffusers
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out / "transformer"), safe_serialization=True)
     index = {
         "_class_name": "FluxPipeline",
@@ -227,7 +245,6 @@ def save_teacher(model: torch.nn.Module, out: str | Path, cfg: PretrainConfig, e
         **(extra or {}),
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
-    return out
 
 
 def load_pretrain_config(path: str | Path) -> PretrainConfig:

@@ -138,7 +138,7 @@ class StageTrainer:
         return teacher.to(self.device)
 
     def _resume(self) -> None:
-        client = self.ckpt.load(self.engine)
+        client = self.ckpt.load(self.engine, layout=self._layout())
         if client is None:
             return
         self.step = int(client["step"])
@@ -166,8 +166,12 @@ class StageTrainer:
     def _rank_state(self) -> Optional[Dict]:
         return {"ema": self.ema.state_dict()} if self.ema is not None else None
 
+    def _layout(self) -> Dict:
+        return {"world_size": self.info.world, "ep_size": self.cfg.parallel.ep_size,
+                "zero_stage": dss.zero_stage(self.cfg)}
+
     def _save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self._client_state(), self._rank_state())
+        self.ckpt.save(self.engine, self.step, self._client_state(), self._rank_state(), self._layout())
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum

@@ -47,3 +47,15 @@ def test_damaged_cache_entry_is_recomputed(tmp_path, monkeypatch):
     assert torch.equal(good[0], again[0]) and torch.equal(good[1], again[1])
     assert entry.stat().st_size > 100
     te._encode.cache_clear()
+
+
+def test_encodings_are_fp32_inside_a_bf16_autocast_region(monkeypatch):
+    monkeypatch.delenv("D2M_TEXT_CACHE", raising=False)
+    te._encode.cache_clear()
+    plain = te.encode_captions(["a handwritten digit two"], 8)
+    te._encode.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = te.encode_captions(["a handwritten digit two"], 8)
+    te._encode.cache_clear()
+    assert inside[0].dtype == torch.float32
+    assert torch.equal(plain[0], inside[0]) and torch.equal(plain[1], inside[1])
