@@ -85,3 +85,18 @@ def write_precomputed_shards(folder, shards: int = 2, per_shard: int = 6, latent
                            "prompt_embeds.npy": npy(rng.standard_normal((text_tokens, dim)).astype(np.float32)),
                            "pooled.npy": npy(rng.standard_normal(pooled_dim or dim).astype(np.float32))})
     return str(folder / f"pre-{{000000..{shards - 1:06d}}}.tar")
+
+
+def assert_engine_matches_plain(plain, engine, inputs, atol: float = 1e-6) -> None:
+    """The same velocity and the same tapped block features from a teacher engine and the plain teacher."""
+    from d2m_dist.distill.taps import tapped
+    from d2m_dist.models.flux import call_flux
+
+    with torch.no_grad(), tapped(plain, detach=True) as fa:
+        ya = call_flux(plain, inputs)
+    with torch.no_grad(), tapped(engine.module, detach=True) as fb:
+        yb = call_flux(engine, inputs)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=atol)
+    assert fa.keys() == fb.keys() and fa
+    for k in fa:
+        torch.testing.assert_close(fb[k], fa[k], rtol=0, atol=atol)

@@ -214,11 +214,10 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
 def _zero3_teacher_worker(rank, world, teacher_path):
     os.environ["LOCAL_SIZE"] = str(world)
     from d2m_dist.config import StageConfig, TeacherConfig
-    from d2m_dist.distill.taps import tapped
-    from d2m_dist.models.flux import call_flux, load_teacher
+    from d2m_dist.models.flux import load_teacher
     from d2m_dist.parallel.deepspeed_setup import teacher_engine
     from d2m_dist.parallel.dist import DistInfo
-    from tests.tiny import tiny_inputs
+    from tests.tiny import assert_engine_matches_plain, tiny_inputs
 
     cfg = StageConfig(stage=2, run_dir="r", init="i", teacher=TeacherConfig(path=str(teacher_path)))
     cfg.parallel.teacher_zero3 = cfg.parallel.teacher_offload = True
@@ -226,14 +225,7 @@ def _zero3_teacher_worker(rank, world, teacher_path):
     engine = teacher_engine(load_teacher(cfg.teacher), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
     assert all(p.ds_tensor.numel() < p.ds_numel or world == 1 for p in engine.module.parameters())
     x = tiny_inputs(seed=rank)
-    with torch.no_grad(), tapped(plain, detach=True) as fa:
-        ya = call_flux(plain, x)
-    with torch.no_grad(), tapped(engine.module, detach=True) as fb:
-        yb = call_flux(engine, x)
-    torch.testing.assert_close(yb, ya, rtol=0, atol=1e-6)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        torch.testing.assert_close(fb[k], fa[k], rtol=0, atol=1e-6)
+    assert_engine_matches_plain(plain, engine, x)
 
 
 def test_zero3_offloaded_teacher_equals_plain(tmp_path):
