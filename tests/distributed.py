@@ -34,9 +34,15 @@ def _entry(rank, world, port, fn, args, errors):
 
 def run_ranks(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise the first failure."""
+    from d2m_dist.parallel.dist import remove_shm_buffers
+
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_entry, args=(world, free_port(), fn, args, errors), nprocs=world, join=True,
-                       start_method="spawn")
+    port = free_port()
+    try:
+        mp.start_processes(_entry, args=(world, port, fn, args, errors), nprocs=world, join=True,
+                           start_method="spawn")
+    finally:
+        remove_shm_buffers("127.0.0.1", str(port))  # workers that used DeepSpeed's CPU shm op
     if not errors.empty():
         raise AssertionError(errors.get())
