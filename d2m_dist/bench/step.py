@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from d2m_dist.bench.common import Row, fmt, median_time
-from d2m_dist.config import MoEConfig, TeacherConfig
+from d2m_dist.config import MoEConfig
 from d2m_dist.models.flux import FluxInputs, build_flux, call_flux, load_flux_config
 from d2m_dist.models.moe import moe_layers, set_top_k
 from d2m_dist.models.precision import bf16_autocast
@@ -100,7 +100,7 @@ def run(teacher: str = "meta:flux1-dev", spec: str = "1S12E2A", batch: int = 1, 
         text_tokens: int = 512, repeats: int = 5, device: str = "auto") -> List[Row]:
     dev = pick_device(device)
     bf16 = dev.type == "cuda"
-    full_cfg = load_flux_config(TeacherConfig(path=teacher).path)
+    full_cfg = load_flux_config(teacher)
     small_cfg = reduced_depth(full_cfg)
     x = random_inputs(full_cfg, batch, image_tokens, text_tokens, dev)
 

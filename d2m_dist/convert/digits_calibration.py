@@ -24,6 +24,12 @@ from d2m_dist.distill.pretrain_teacher import (
 from d2m_dist.models.flow import FlowBatch
 
 
+def is_digits_teacher(teacher_path: str | Path) -> bool:
+    """Whether ``teacher_path`` (a pipeline root or its transformer/ folder) holds a digits teacher card."""
+    p = Path(teacher_path)
+    return any((root / CARD_FILE).is_file() for root in (p, p.parent))
+
+
 def teacher_card(teacher_path: str | Path) -> PretrainConfig:
     """The digits teacher's training config (defaults when the folder has no card)."""
     p = Path(teacher_path)

@@ -114,6 +114,9 @@ class StageTrainer:
         self.student = self.engine.module
         self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
         self.teacher = self._build_teacher()
+        # a bf16 teacher takes bf16 inputs: DeepSpeed switches autocast off inside an engine
+        # that uses its own bf16 mode (the ZeRO-3 teacher), so autocast cannot cast them there
+        self._teacher_dtype = next(self._teacher_module().parameters()).dtype
         self.batches = make_batches(cfg, self.info, self._teacher_module().config)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
@@ -211,12 +214,6 @@ class StageTrainer:
         out["total"] = total
         return out
 
-    @property
-    def _teacher_dtype(self) -> torch.dtype:
-        # a bf16 teacher takes bf16 inputs: DeepSpeed switches autocast off inside an engine
-        # that uses its own bf16 mode (the ZeRO-3 teacher), so autocast cannot cast them there
-        return next(self._teacher_module().parameters()).dtype
-
     def _teacher_module(self):
         return getattr(self.teacher, "module", self.teacher)
 
@@ -262,16 +259,12 @@ class StageTrainer:
         if self.ema is not None:
             self.ema.update()
         values["time/data"] = t_data
-        if COMM_CLOCK.enabled:
-            # each phase without its collectives; all collectives together as communication
-            values["time/teacher_forward"] = self._t_teacher - self._c_teacher
-            values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher - (c_fwd_bwd - self._c_teacher)
-            values["time/optimizer"] = t_step - c_step
-            values["time/communication"] = c_fwd_bwd + c_step
-        else:
-            values["time/teacher_forward"] = self._t_teacher
-            values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher
-            values["time/reduce_and_optimizer"] = t_step
+        # each phase without its collectives, all collectives together as communication (the clock
+        # reads 0 on steps that do not measure; those steps are not logged)
+        values["time/teacher_forward"] = self._t_teacher - self._c_teacher
+        values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher - (c_fwd_bwd - self._c_teacher)
+        values["time/optimizer"] = t_step - c_step
+        values["time/communication"] = c_fwd_bwd + c_step
         values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
 
@@ -342,10 +335,9 @@ class StageTrainer:
         The digits preset samples each digit's caption; presets on VAE latents sample the
         first prompts of the training shards and decode with the teacher pipeline's VAE.
         """
-        from d2m_dist.convert.digits_calibration import CARD_FILE
+        from d2m_dist.convert.digits_calibration import is_digits_teacher
 
-        root = Path(self.cfg.teacher.path)
-        if (root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file():
+        if is_digits_teacher(self.cfg.teacher.path):
             return self._digits_grid()
         return self._latent_grid()
 
@@ -435,13 +427,11 @@ class StageTrainer:
 def make_batches(cfg: StageConfig, info: DistInfo, model_config=None):
     if cfg.data.source == "digits":
         return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed)
-    from d2m_dist.convert.digits_calibration import CARD_FILE, teacher_card
+    from d2m_dist.convert.digits_calibration import is_digits_teacher, teacher_card
 
     guidance = cfg.data.guidance
     if guidance is None:
-        root = Path(cfg.teacher.path)
-        has_card = (root / CARD_FILE).is_file() or (root.parent / CARD_FILE).is_file()
-        guidance = teacher_card(cfg.teacher.path).embedded_guidance if has_card else 3.5
+        guidance = teacher_card(cfg.teacher.path).embedded_guidance if is_digits_teacher(cfg.teacher.path) else 3.5
     return ShardBatches(cfg.data.urls, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
                         cfg.data.num_workers, guidance, model_config=model_config)
 

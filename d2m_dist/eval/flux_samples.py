@@ -78,16 +78,14 @@ def decode(vae, packed: torch.Tensor, latent_shape: Tuple[int, int, int]) -> tor
 
 
 def sample_models(models: Sequence[torch.nn.Module], prompts: GridPrompts, sampler: SamplerConfig) -> List[torch.Tensor]:
-    """Each model's packed latents for the prompts, all from the same start noise."""
+    """Each model's packed latents for the prompts, all from the same start noise (``sampler.seed``)."""
     c, h, w = prompts.latent_shape
-    n = prompts.embeds.shape[0]
-    noise = torch.randn(n, (h // 2) * (w // 2), 4 * c, generator=torch.Generator().manual_seed(sampler.seed))
     out = []
     for model in models:
         was_training = model.training
         model.eval()
         out.append(euler_sample(model, prompts.embeds, prompts.pooled, grid=(h // 2, w // 2), channels=4 * c,
-                                cfg=sampler, noise=noise))
+                                cfg=sampler))
         model.train(was_training)
     return out
 
