@@ -1,10 +1,11 @@
 """Parameter accounting for dense teachers and MoE/MoB students.
 
-"Activated" parameters are those one token meets in one forward pass: all
-parameters minus the routed experts it does not use (n - k per MoE site) minus,
-for MoB groups, the average share of skipped blocks ((m - kappa) / m of a
-group's blocks). The paper's activated counts appear to leave out the AdaLN
-modulation (per-sample, not per-token, weights), so both counts are reported.
+"Activated" parameters are those one token meets in one forward pass, on
+average: all parameters minus the routed experts it does not use (n - k per MoE
+site), where a block inside a Mixture-of-Blocks group counts with the share of
+samples that run it (kappa / m). The paper's activated counts appear to leave
+out the AdaLN modulation (per-sample, not per-token, weights), so both counts are
+reported (docs/METHOD.md, docs/DECISIONS.md).
 """
 
 from __future__ import annotations
@@ -56,24 +57,48 @@ def modulation_params(model: nn.Module) -> int:
     return sum(count(m.linear) for m in model.modules() if isinstance(m, _MODULATION))
 
 
+def idle_expert_params(module: nn.Module) -> int:
+    """Routed-expert parameters inside ``module`` that a token does not use (n - k per MoE site)."""
+    idle = 0
+    for m in module.modules():
+        if isinstance(m, MoEFeedForward):
+            idle += (m.num_experts - m.top_k) * (count(m.experts) // m.experts.num_local)
+    return idle
+
+
 def moe_param_report(model: nn.Module) -> ParamReport:
+    """Total and activated parameters of a (converted) FLUX transformer.
+
+    A block inside a Mixture-of-Blocks group runs for kappa of every m samples, so it
+    contributes kappa/m of what it activates when it runs (its parameters minus its idle
+    experts), and kappa/m of its AdaLN modulation to the modulation that is left out of
+    the count without modulation.
+    """
     total = count(model)
     sites = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    routers = sum(count(m.router) for m in sites) + sum(count(g.router) for g in model.modules() if isinstance(g, MoBGroup))
+    groups = [g for g in model.modules() if isinstance(g, MoBGroup)]
+    routers = sum(count(m.router) for m in sites) + sum(count(g.router) for g in groups)
     ffn_total = sum(count(m) - count(m.router) for m in sites)
-    inactive = 0
-    for m in sites:
-        per_expert = count(m.experts) // m.experts.num_local
-        inactive += (m.num_experts - m.top_k) * per_expert
-    ffn_activated = ffn_total - inactive
-    for g in model.modules():
-        if isinstance(g, MoBGroup):
-            skipped_share = (g.m - g.kappa) / g.m
-            block_params = sum(count(b) for b in g.blocks)
-            inactive += int(round(block_params * skipped_share))
-    modulation = modulation_params(model)
+
+    share = {}  # MoE layer -> fraction of samples that run it (kappa/m inside a MoB group)
+    for g in groups:
+        for b in g.blocks:
+            for m in b.modules():
+                if isinstance(m, MoEFeedForward):
+                    share[id(m)] = g.kappa / g.m
+    ffn_activated = sum((count(m) - count(m.router) - idle_expert_params(m)) * share.get(id(m), 1.0) for m in sites)
+
+    # ungrouped sites lose their idle experts; a grouped block runs (rate = kappa/m) or is skipped
+    inactive = sum(idle_expert_params(m) for m in sites if id(m) not in share)
+    modulation_active = modulation = modulation_params(model)
+    for g in groups:
+        rate = g.kappa / g.m
+        for b in g.blocks:
+            inactive += count(b) - rate * (count(b) - idle_expert_params(b))
+            modulation_active -= (1 - rate) * modulation_params(b)
     activated = total - inactive
-    return ParamReport(total, len(sites), ffn_total, ffn_activated, routers, modulation, activated, activated - modulation)
+    return ParamReport(total, len(sites), ffn_total, int(round(ffn_activated)), routers, modulation,
+                       int(round(activated)), int(round(activated - modulation_active)))
 
 
 def dense_ffn_params(model: nn.Module) -> int:
