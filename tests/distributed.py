@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 
 import torch.distributed as dist
@@ -32,16 +33,27 @@ def _entry(rank, world, port, fn, args, errors):
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise the first failure."""
+def run_ranks(fn, world: int, *args, timeout: float = 600.0) -> None:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; re-raise the first failure.
+
+    Ranks still running after ``timeout`` seconds (a collective that never matches) are
+    killed and the call fails, so a hang fails its test instead of the whole suite.
+    """
     from d2m_dist.parallel.dist import remove_shm_buffers
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
+    procs = mp.start_processes(_entry, args=(world, port, fn, args, errors), nprocs=world, join=False,
+                               start_method="spawn")
+    deadline = time.monotonic() + timeout
     try:
-        mp.start_processes(_entry, args=(world, port, fn, args, errors), nprocs=world, join=True,
-                           start_method="spawn")
+        while not procs.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    if p.is_alive():
+                        p.kill()
+                raise AssertionError(f"{world} ranks still running after {timeout:.0f} s (a hang?)")
     finally:
         remove_shm_buffers("127.0.0.1", str(port))  # workers that used DeepSpeed's CPU shm op
     if not errors.empty():

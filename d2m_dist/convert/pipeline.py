@@ -71,15 +71,6 @@ def random_batches(model_config, cfg) -> Iterator[FlowBatch]:
         )
 
 
-def rank_share(batches: Iterable[FlowBatch], rank: int, world: int) -> Iterator[FlowBatch]:
-    """Batches i with i % world == rank: disjoint shares that together cover all."""
-    for i, b in enumerate(batches):
-        if i % world == rank:
-            if b.index is None:
-                b.index = i
-            yield b
-
-
 def compute_partitions(teacher, specs, cfg: ConvertConfig, scores: Optional[Dict[str, torch.Tensor]]):
     gen = torch.Generator().manual_seed(cfg.partition.seed)
     parts: Dict[str, SitePartition] = {}
@@ -105,12 +96,11 @@ def run_convert(
 ) -> Optional[Path]:
     """Convert; returns the output folder on the writing rank, None elsewhere.
 
-    ``batches``: calibration batches (this rank's share is taken from them);
-    default: the source named in ``cfg.calibration``.
+    ``batches``: calibration batches, the same sequence on every rank (each scores its
+    share); default: the source named in ``cfg.calibration``.
     """
     validate_convert_config(cfg)
     rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-    world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"output {out} already exists (set overwrite=true to replace it)")
@@ -140,10 +130,8 @@ def run_convert(
             scorer_model = scorer_model.to(device)
         if batches is None:
             batches = calibration_batches(scorer_model.module.config if cfg.teacher_zero3 else scorer_model.config, cfg)
-        scorer = taylor_scores(
-            scorer_model, rank_share(batches, rank, world), list(specs), seed=cfg.calibration.seed,
-            group=group, progress=progress,
-        )
+        scorer = taylor_scores(scorer_model, batches, list(specs), seed=cfg.calibration.seed, group=group,
+                               progress=progress)
         scores = scorer.scores
         del scorer_model
         log.info("taylor scores from %d calibration batches in %.1fs", scorer.batches, time.time() - t0)
@@ -172,12 +160,11 @@ def shard_batches(model_config, cfg: ConvertConfig) -> Iterator[FlowBatch]:
     Every rank reads the same sequence (one reader, fixed order) and keeps its
     share by index, so the scores do not depend on the world size.
     """
-    from d2m_dist.data.stream import ShardStream, StreamConfig
+    from d2m_dist.data.stream import fixed_order_stream
     from d2m_dist.distill.batches import check_batch_shapes, precomputed_flow_batch
 
     c = cfg.calibration
-    stream = ShardStream(StreamConfig(urls=c.urls, kind="precomputed", mode="epoch", batch_size=c.batch_size,
-                                      seed=c.seed, rank=0, world_size=1, num_workers=0, shuffle_buffer=0))
+    stream = fixed_order_stream(c.urls, c.batch_size, seed=c.seed)
     guidance = c.guidance if model_config.guidance_embeds else None
     n = 0
     for b in stream:

@@ -14,14 +14,18 @@ receive ``gz`` and ``gy`` during the backward pass, and each site's scores are
 computed right there with its weights gathered (``GatheredParameters``, a no-op
 for ordinary tensors); the site's gradient is dropped at once. The backward runs
 from the loss to the input latents; no parameter needs ``requires_grad``.
-Distributed: each rank scores its own batches; the per-site score vectors are
-summed across ranks with one all_reduce each, so N ranks over disjoint batches
-equal one process over all of them.
+Distributed: every rank reads the same batch sequence and scores batches
+``i % world == rank``, in lockstep rounds of ``world`` batches. In a round with
+fewer batches than ranks (the last one, or a short sequence) the ranks without
+a batch of their own run the round's first batch and discard its scores: a
+ZeRO-3 teacher's every forward and backward is collective, so all ranks must run
+the same number of passes. The per-site score vectors are then summed across
+ranks with one all_reduce each, so N ranks equal one process over all batches.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +62,7 @@ class TaylorScorer:
         self.scores: Dict[str, torch.Tensor] = {}
         self.batches = 0
         self._handles = []
+        self._recording = True  # False while a lockstep filler pass runs
 
     def _modules(self, site: str):
         """(up-projection linear, down-projection linear, down-projection column offset)."""
@@ -69,6 +74,8 @@ class TaylorScorer:
         return block.proj_mlp, block.proj_out, block.proj_out.in_features - block.proj_mlp.out_features
 
     def _add(self, site: str, s: torch.Tensor) -> None:
+        if not self._recording:
+            return
         s = s.detach().cpu()
         self.scores[site] = self.scores[site] + s if site in self.scores else s
 
@@ -114,15 +121,20 @@ class TaylorScorer:
             h.remove()
         self._handles = []
 
-    def accumulate(self, loss_fn, inputs_requiring_grad: torch.Tensor) -> float:
-        """One batch: ``loss_fn()`` runs the forward; the backward goes to ``inputs_requiring_grad``."""
+    def accumulate(self, loss_fn, inputs_requiring_grad: torch.Tensor, record: bool = True) -> float:
+        """One batch: ``loss_fn()`` runs the forward; the backward goes to ``inputs_requiring_grad``.
+
+        ``record=False``: run the passes (their collectives) but keep no score.
+        """
         self._attach()
+        self._recording = record
         try:
             loss = loss_fn()
             torch.autograd.grad(loss, [inputs_requiring_grad])
         finally:
             self._detach()
-        self.batches += 1
+            self._recording = True
+        self.batches += int(record)
         return float(loss.detach())
 
     def all_reduce(self, group=None) -> None:
@@ -132,12 +144,26 @@ class TaylorScorer:
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         for site in self.sites:
+            if site not in self.scores:  # this rank scored no batch
+                self.scores[site] = torch.zeros(self._modules(site)[0].out_features, dtype=torch.float64)
             t = self.scores[site].to(device)
             dist.all_reduce(t, group=group)
             self.scores[site] = t.cpu()
         n = torch.tensor([self.batches], dtype=torch.int64, device=device)
         dist.all_reduce(n, group=group)
         self.batches = int(n.item())
+
+
+def _rounds(batches: Iterable[FlowBatch], world: int) -> Iterator[List[Tuple[int, FlowBatch]]]:
+    """(position, batch) in groups of ``world``: one lockstep round of the ranks each."""
+    chunk: List[Tuple[int, FlowBatch]] = []
+    for i, batch in enumerate(batches):
+        chunk.append((i, batch))
+        if len(chunk) == world:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def taylor_scores(
@@ -149,26 +175,34 @@ def taylor_scores(
     group=None,
     progress: Optional[Callable[[int, float], None]] = None,
 ) -> TaylorScorer:
-    """Score ``sites`` of the dense ``model`` over this rank's ``batches``, then sum over ranks.
+    """Score ``sites`` of the dense ``model`` over ``batches``, shared out over the ranks of ``group``.
 
+    Every rank passes the same batch sequence and scores its share (module docstring).
     The noise and timesteps of batch i come from a generator seeded with
     ``(seed, i)`` on every rank, so which rank sees a batch does not change its score.
+    Inputs are cast to the teacher's dtype (a bf16 teacher takes bf16 inputs).
     """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank(group) if distributed else 0
+    world = dist.get_world_size(group) if distributed else 1
     module = getattr(model, "module", model)  # a DeepSpeed engine wraps the FLUX model
     scorer = TaylorScorer(module, sites)
     # diffusers models and DeepSpeed engines both say where their compute runs
     device = model.device if isinstance(getattr(model, "device", None), torch.device) else next(module.parameters()).device
-    for i, batch in enumerate(batches):
-        index = i if batch.index is None else batch.index
+    dtype = next(module.parameters()).dtype
+    for chunk in _rounds(batches, world):
+        mine = rank < len(chunk)
+        position, batch = chunk[rank] if mine else chunk[0]
+        index = position if batch.index is None else batch.index
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         inputs, target = noised_inputs(batch, gen)
-        inputs = inputs.to(device)
+        inputs = inputs.to(device, dtype=dtype)
         inputs.hidden_states.requires_grad_(True)
         # the module, not the engine: ZeRO-3's gathering hooks live on the submodules, while the
         # engine's own backward bookkeeping assumes engine.backward() and an optimizer
         loss_fn = lambda: torch.mean((call_flux(module, inputs).float() - target.to(device).float()) ** 2)  # noqa: E731
-        loss = scorer.accumulate(loss_fn, inputs.hidden_states)
-        if progress:
-            progress(i, loss)
+        loss = scorer.accumulate(loss_fn, inputs.hidden_states, record=mine)
+        if progress and mine:
+            progress(position, loss)
     scorer.all_reduce(group)
     return scorer

@@ -50,6 +50,7 @@ import itertools
 import os
 import random
 import re
+import signal
 import tarfile
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -260,8 +261,30 @@ class ShardStream:
         }
 
 
+def fixed_order_stream(urls: str | List[str], batch_size: int, seed: int = 0,
+                       kind: str = "precomputed") -> "ShardStream":
+    """One epoch over ``urls`` read by a single reader, samples unshuffled (shard order from ``seed``):
+    the same batches in the same order on every rank and in every run (calibration batches, fixed
+    evaluation batches, grid prompts)."""
+    return ShardStream(StreamConfig(urls=urls, kind=kind, mode="epoch", batch_size=batch_size, seed=seed, rank=0,
+                                    world_size=1, num_workers=0, shuffle_buffer=0))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process.
+
+    A scheduler's preemption signal goes to the whole job step, workers included; a worker
+    that died of it would make the trainer's next batch fail before it could checkpoint.
+    The trainer stops at the end of its step and the loader then ends its workers.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _data_loader(dataset: "_WorkerStream", cfg: StreamConfig) -> torch.utils.data.DataLoader:
     kwargs: Dict[str, Any] = dict(batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory)
+    if cfg.num_workers > 0:
+        kwargs["worker_init_fn"] = _ignore_stop_signals
     if cfg.num_workers > 0 and cfg.prefetch_factor is not None:
         kwargs["prefetch_factor"] = cfg.prefetch_factor
     if "in_order" in inspect.signature(torch.utils.data.DataLoader).parameters:

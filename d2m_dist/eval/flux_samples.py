@@ -32,11 +32,9 @@ class GridPrompts:
 
 def prompts_from_shards(urls: str, count: int) -> GridPrompts:
     """The first ``count`` samples (one resolution bucket) of an unshuffled epoch over ``urls``."""
-    from d2m_dist.data.stream import ShardStream, StreamConfig
+    from d2m_dist.data.stream import fixed_order_stream
 
-    stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode="epoch", batch_size=count, seed=0, rank=0,
-                                      world_size=1, num_workers=0, shuffle_buffer=0))
-    batch = next(iter(stream))
+    batch = next(iter(fixed_order_stream(urls, count)))
     latents = torch.as_tensor(batch["latent"])
     return GridPrompts(torch.as_tensor(batch["prompt_embeds"]).float(), torch.as_tensor(batch["pooled"]).float(),
                        tuple(latents.shape[1:]), [str(c) for c in batch["caption"]])

@@ -71,23 +71,36 @@ def test_other_parameters_stay_frozen_and_gradless():
 
 
 def _two_rank_worker(rank, world, model, bl, sites, expected):
-    from d2m_dist.convert.pipeline import rank_share
-
-    got = taylor_scores(model, rank_share(bl, rank, world), sites)
+    got = taylor_scores(model, bl, sites)
     assert got.batches == len(bl)
     for s in sites:
         torch.testing.assert_close(got.scores[s], expected[s], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.multiproc
-def test_two_ranks_equal_single_process():
+@pytest.mark.parametrize("n", [4, 1], ids=["4 batches", "1 batch for 2 ranks"])
+def test_two_ranks_equal_single_process(n):
     model = tiny_flux()
-    bl = batches(4)
-    for i, b in enumerate(bl):
-        b.index = i
+    bl = batches(n)
     sites = all_site_names(2, 2)
     expected = taylor_scores(model, bl, sites).scores
-    run_ranks(_two_rank_worker, 2, model, bl, sites, expected)
+    run_ranks(_two_rank_worker, 2, model, bl, sites, expected, timeout=120)
+
+
+def test_bf16_teacher_scores_from_bf16_inputs():
+    """A bf16 teacher (every FLUX preset) takes bf16 inputs; its scores approach the fp32 ones."""
+    model = tiny_flux()
+    bl = batches(2)
+    sites = ["double.0.ff", "single.1.mlp"]
+    fp32 = taylor_scores(model, bl, sites).scores
+    bf16 = taylor_scores(copy.deepcopy(model).to(torch.bfloat16), bl, sites).scores
+    for s in sites:
+        assert bf16[s].dtype == torch.float64
+        # bf16 weights and activations move the scores by ~15% on this tiny random model; the ranking
+        # of neurons, which is all the partition reads, stays (rank correlation 0.94-0.95 measured)
+        assert ((bf16[s] - fp32[s]).norm() / fp32[s].norm()) < 0.3
+        ranks = torch.stack([fp32[s].argsort().argsort(), bf16[s].argsort().argsort()]).double()
+        assert torch.corrcoef(ranks)[0, 1] > 0.85
 
 
 def _zero3_worker(rank, world, teacher_path, bl, sites, expected):
@@ -95,7 +108,6 @@ def _zero3_worker(rank, world, teacher_path, bl, sites, expected):
 
     os.environ["LOCAL_SIZE"] = str(world)
     from d2m_dist.config import TeacherConfig
-    from d2m_dist.convert.pipeline import rank_share
     from d2m_dist.models.flux import load_teacher
     from d2m_dist.parallel.deepspeed_setup import zero3_inference_engine
 
@@ -104,19 +116,20 @@ def _zero3_worker(rank, world, teacher_path, bl, sites, expected):
     # the weights really are sharded: each rank holds part of every FFN weight
     up = engine.module.transformer_blocks[0].ff.net[0].proj.weight
     assert up.ds_tensor.numel() < up.ds_numel
-    got = taylor_scores(engine, rank_share(bl, rank, world), sites)
+    got = taylor_scores(engine, bl, sites)
+    assert got.batches == len(bl)
     for s in sites:
         torch.testing.assert_close(got.scores[s], expected[s], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.multiproc
-def test_zero3_offloaded_teacher_on_two_ranks_equals_plain_single_process(tmp_path):
+@pytest.mark.parametrize("n", [4, 3], ids=["even shares", "uneven shares"])
+def test_zero3_offloaded_teacher_on_two_ranks_equals_plain_single_process(tmp_path, n):
+    """Every ZeRO-3 forward is collective: with 3 batches on 2 ranks, rank 1 must still join the third."""
     from tests.tiny import save_tiny_teacher
 
     model = save_tiny_teacher(tmp_path / "t")
-    bl = batches(4)
-    for i, b in enumerate(bl):
-        b.index = i
+    bl = batches(n)
     sites = all_site_names(2, 2)
     expected = taylor_scores(model, bl, sites).scores
-    run_ranks(_zero3_worker, 2, tmp_path / "t", bl, sites, expected)
+    run_ranks(_zero3_worker, 2, tmp_path / "t", bl, sites, expected, timeout=180)
