@@ -60,7 +60,10 @@ class PretrainConfig:
     # conditioning
     caption_dropout: float = 0.1
     max_tokens: int = 8  # "[CLS] a handwritten digit seven [SEP]" is 7 MiniLM tokens
-    # The teacher is not guidance-distilled: its guidance embedding always sees
+    # FLUX.1 [dev]'s architecture has a guidance embedding; false builds a teacher without
+    # one, like FLUX.1 [schnell] and FLUX models that were not guidance-distilled.
+    guidance_embeds: bool = True
+    # The teacher is not guidance-distilled: its guidance embedding (if any) always sees
     # this constant (CFG happens at sampling time); students must be fed the same.
     embedded_guidance: float = 1.0
     shift: bool = True  # FLUX's resolution-shifted logit-normal training timesteps
@@ -83,7 +86,7 @@ class PretrainConfig:
             "_class_name": "FluxTransformer2DModel",
             "attention_head_dim": self.attention_head_dim,
             "axes_dims_rope": list(self.axes_dims_rope),
-            "guidance_embeds": True,
+            "guidance_embeds": self.guidance_embeds,
             "in_channels": LATENT_CHANNELS,
             "joint_attention_dim": EMBED_DIM,
             "num_attention_heads": self.num_attention_heads,
@@ -142,7 +145,7 @@ def sample_batch(data: DigitsTrainingSet, cfg: PretrainConfig, gen: torch.Genera
         pooled=pooled,
         img_ids=latent_image_ids(*GRID),
         txt_ids=torch.zeros(cfg.max_tokens, 3),
-        guidance=torch.full((cfg.batch_size,), cfg.embedded_guidance),
+        guidance=torch.full((cfg.batch_size,), cfg.embedded_guidance) if cfg.guidance_embeds else None,
     )
 
 

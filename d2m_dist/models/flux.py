@@ -172,7 +172,10 @@ def _load_single_file(cfg: TeacherConfig, dtype: torch.dtype, meta: bool) -> Flu
     if path.suffix != ".safetensors":
         raise TeacherLoadError(f"teacher {path}: a single-file teacher must be .safetensors")
     sd = original_to_diffusers(read_original_checkpoint(path, meta=meta))
-    config = load_flux_config(cfg.config) if cfg.config else infer_config(sd)
+    inferred = infer_config(sd)
+    config = load_flux_config(cfg.config) if cfg.config else inferred
+    # whether the model embeds guidance is in the tensors (guidance_in); a config may leave it out
+    config.setdefault("guidance_embeds", inferred["guidance_embeds"])
     model = build_flux(config, dtype=dtype, meta=True)
     if meta:
         return model
@@ -223,8 +226,29 @@ class FluxInputs:
         )
 
 
+def embeds_guidance(model: torch.nn.Module) -> Optional[bool]:
+    """Whether a FLUX model (or an engine wrapping one) has a guidance embedding; None if unknown.
+
+    FLUX.1 [dev] is guidance-distilled and embeds a guidance value; FLUX.1 [schnell] and
+    models trained without guidance distillation have no such input.
+    """
+    config = getattr(getattr(model, "module", model), "config", None)
+    value = getattr(config, "guidance_embeds", None)
+    return None if value is None else bool(value)
+
+
 def call_flux(model: torch.nn.Module, inputs: FluxInputs) -> torch.Tensor:
-    """The velocity prediction [B, N_img, out_channels]."""
+    """The velocity prediction [B, N_img, out_channels].
+
+    ``inputs.guidance`` reaches the model only if it has a guidance embedding, so one batch
+    can feed a teacher of either kind; a model that embeds guidance must be given a value.
+    """
+    guidance = inputs.guidance
+    embeds = embeds_guidance(model)
+    if embeds is False:
+        guidance = None
+    elif embeds and guidance is None:
+        raise ValueError("this FLUX model has a guidance embedding: its inputs need a guidance value")
     return model(
         hidden_states=inputs.hidden_states,
         encoder_hidden_states=inputs.encoder_hidden_states,
@@ -232,7 +256,7 @@ def call_flux(model: torch.nn.Module, inputs: FluxInputs) -> torch.Tensor:
         timestep=inputs.timestep,
         img_ids=inputs.img_ids,
         txt_ids=inputs.txt_ids,
-        guidance=inputs.guidance,
+        guidance=guidance,
         return_dict=False,
     )[0]
 

@@ -58,6 +58,21 @@ def test_single_file_original_checkpoint(tmp_path):
     assert same_outputs(model, load_teacher(TeacherConfig(path=str(f), config=str(tmp_path / "config.json"))))
 
 
+def test_single_file_without_guidance_embedding(tmp_path):
+    """FLUX.1 [schnell]'s architecture: no guidance_in; the config is inferred from the tensors."""
+    model = tiny_flux(seed=4, guidance_embeds=False)
+    orig = diffusers_to_original(model.state_dict(), TINY_CONFIG["num_layers"], TINY_CONFIG["num_single_layers"])
+    assert not any(k.startswith("guidance_in") for k in orig)
+    f = tmp_path / "flux-schnell-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in orig.items()}, str(f))
+    # the head split is not in the weights; whether guidance is embedded is (guidance_in)
+    head = {k: v for k, v in TINY_CONFIG.items() if k != "guidance_embeds"}
+    (tmp_path / "config.json").write_text(json.dumps(head))
+    t = load_teacher(TeacherConfig(path=str(f), config=str(tmp_path / "config.json")))
+    assert t.config.guidance_embeds is False
+    assert same_outputs(model, t)  # the inputs carry a guidance value: a model without the embedding ignores it
+
+
 def test_mapping_matches_diffusers_on_flux_dev_shapes():
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
