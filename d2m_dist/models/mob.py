@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2m_dist.config import ConfigError, MoBConfig, MoBGroupConfig
+from d2m_dist.models.moe import MoEFeedForward, clear_routing_stats
 from d2m_dist.models.precision import fp32_region
 
 GATE_MODES = ("straight_through", "score", "one")
@@ -60,28 +61,42 @@ class MoBGroup(nn.Module):
         self.router = MoBRouter(dim, temb_dim, len(blocks), alpha, device=device)
         # unit_gates: every block on with gate exactly 1 (dense-equivalence checks)
         self.unit_gates = False
-        self.usage: Optional[torch.Tensor] = None  # [m] fraction of samples that ran each block
+        # samples of the last forward that ran each block [m] (this rank), and the batch size
+        self.usage_counts: Optional[torch.Tensor] = None
+        self.samples = 0
 
-    def _has_collectives(self, j: int) -> bool:
-        """Whether block j exchanges tokens with other ranks (expert-parallel MoE layers).
+    @property
+    def usage(self) -> Optional[torch.Tensor]:
+        """[m] fraction of this rank's samples that ran each block in the last forward."""
+        return None if self.usage_counts is None else self.usage_counts / max(1, self.samples)
 
-        Such a block must run on every rank even with no local sample (an empty
-        sub-batch, no compute), or ranks would disagree on the collectives.
+    def _must_take_part(self, j: int) -> bool:
+        """Whether block j must run on this rank even when no local sample chose it.
+
+        Two reasons, both about what the other ranks do in lockstep: the block holds
+        expert-parallel MoE layers (their token all_to_all, forward and backward, needs
+        every rank of the group), or it has trainable parameters (ZeRO reduces gradients
+        in buckets filled in the order the backward produces them, so every rank's graph
+        must hold the block at the same place, or the buckets' contents would not line up).
         """
-        from d2m_dist.models.moe import MoEFeedForward
-
-        return any(isinstance(m, MoEFeedForward) and m.ep_size > 1 for m in self.blocks[j].modules())
+        block = self.blocks[j]
+        if any(isinstance(m, MoEFeedForward) and m.ep_size > 1 for m in block.modules()):
+            return True
+        return torch.is_grad_enabled() and any(p.requires_grad for p in block.parameters())
 
     @staticmethod
-    def _join_collectives(block, hidden, context, temb, rotary, kwargs):
-        """Run ``block`` on one sample with zero weight, so its expert all_to_all calls
-        (forward and backward) match the ranks where samples did choose it.
+    def _take_part(block, hidden, context, temb, rotary, kwargs):
+        """Run ``block`` on one sample with zero weight: the same graph as on the ranks where
+        samples did choose it (collectives and gradient order), nothing added to the output.
 
         diffusers' blocks cannot run an empty batch, so one sample's compute is the price.
+        The sample's routing is forgotten afterwards: it must not count in the load
+        balance or the metrics, since its output is discarded.
         """
         one = torch.zeros(1, dtype=torch.long, device=hidden.device)
         c_out, h_out = block(hidden_states=hidden.index_select(0, one), encoder_hidden_states=context.index_select(0, one),
                              temb=temb.index_select(0, one), image_rotary_emb=rotary, joint_attention_kwargs=kwargs)
+        clear_routing_stats(block)
         zero = (h_out.sum() + c_out.sum()) * 0.0  # in the graph, so backward runs the exchanges too
         return hidden + zero.to(hidden.dtype), context + zero.to(context.dtype)
 
@@ -107,14 +122,18 @@ class MoBGroup(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
         active, delta = self.select(hidden_states, encoder_hidden_states, temb)
-        self.usage = active.float().mean(0).detach()
+        self.usage_counts = active.sum(0).detach().float()
+        self.samples = active.shape[0]
         for j, block in enumerate(self.blocks):
             idx = active[:, j].nonzero().squeeze(1)
             if idx.numel() == 0:
-                if self._has_collectives(j):
-                    hidden_states, encoder_hidden_states = self._join_collectives(
+                # skipped by every local sample: no compute, unless the other ranks need this
+                # rank in the block's collectives or its place in the gradient order
+                clear_routing_stats(block)
+                if self._must_take_part(j):
+                    hidden_states, encoder_hidden_states = self._take_part(
                         block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs)
-                continue  # skipped by every sample: no compute at all
+                continue
             whole = idx.numel() == hidden_states.shape[0]
             h = hidden_states if whole else hidden_states.index_select(0, idx)
             c = encoder_hidden_states if whole else encoder_hidden_states.index_select(0, idx)

@@ -4,10 +4,15 @@
 
 * The router is a bias-free linear layer evaluated in fp32 whatever the
   activation dtype, so routing decisions do not flip under bf16.
-* Routing maths, token permutation and aux losses come from megatron-core's
-  ``moe_utils`` (pure torch, CPU and CUDA). Dispatch is dropless by default and
-  costs O(tokens * k): tokens are sorted by expert, never padded to the busiest
-  expert's load.
+* Top-k routing, capacity dropping and token permutation come from
+  megatron-core's ``moe_utils`` (pure torch, CPU and CUDA). Dispatch is dropless
+  by default and costs O(tokens * k): tokens are sorted by expert, never padded
+  to the busiest expert's load.
+* The layer runs no collective of its own except the expert-parallel token
+  exchange: the load-balance and z-losses need the global batch's statistics, so
+  the layer only records per-rank sums (:class:`RoutingStats`) and the trainer
+  combines every layer's with one all_reduce per step. A layer that a Mixture of
+  Blocks skipped on some rank then cannot desynchronise the ranks' collectives.
 * Routed experts are stored stacked, one tensor per weight kind, so a grouped
   matmul can serve them; row ``j`` of the stack on expert-parallel rank ``r`` is
   global expert ``r * n_local + j``.
@@ -21,6 +26,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -106,13 +112,31 @@ class SharedExpert(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+@dataclass
+class RoutingStats:
+    """What one MoE layer's last forward routed on this rank: the inputs of the auxiliary losses.
+
+    Kept as sums over tokens, not means, so that the trainer can combine them over
+    ranks (and over layers that ran on some ranks only) with one all_reduce and
+    recover the statistics of the global batch (``distill/losses.router_aux_losses``).
+    """
+
+    tokens: int  # tokens routed on this rank
+    counts: torch.Tensor  # [n] float, assignments per expert (global ids), detached
+    score_sum: torch.Tensor  # [n] sum over tokens of the softmax router scores, in the graph
+    z_sum: Optional[torch.Tensor]  # sum over tokens of logsumexp(logits)^2, in the graph; None without z-loss
+    entropy_sum: torch.Tensor  # sum over tokens of the router entropy, detached
+    dropped: int  # assignments removed by the capacity limit
+
+
 class MoEFeedForward(nn.Module):
     """Drop-in replacement for a dense ``x -> y`` FFN (diffusers ``FeedForward``).
 
-    After each forward the layer keeps, for the trainer and logging:
-    ``aux_loss`` (Switch load balance, unscaled), ``z_loss`` (scaled by its
-    coefficient), ``tokens_per_expert`` (global ids, this rank's tokens) and
-    ``router_entropy``; ``dropped_tokens`` when a capacity factor is set.
+    After each forward the layer keeps, for the trainer and logging,
+    ``tokens_per_expert`` (global ids, this rank's tokens) and ``stats``
+    (:class:`RoutingStats`, None when the layer routed nothing: top-k 0, unit gates,
+    or a forward that did not run it). The auxiliary losses are computed from
+    ``stats`` by the trainer, over the whole data-parallel batch.
     """
 
     def __init__(
@@ -136,9 +160,6 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = capacity_factor
         # unit_gates: every routed expert on with gate 1 (dense-equivalence checks)
         self.unit_gates = False
-        # balance_group: the data-parallel group whose token counts define the load-balance
-        # loss (the global batch's balance, so N ranks optimise what one rank would)
-        self.balance_group = None
         self.ep_group = ep_group
         ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
         ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
@@ -153,11 +174,13 @@ class MoEFeedForward(nn.Module):
         # fp32 router regardless of the model dtype
         self.router = nn.Linear(shape.dim, shape.num_experts, bias=False, dtype=torch.float32, device=device)
         self.bias = nn.Parameter(torch.zeros(shape.dim, dtype=dtype, device=device)) if out_bias else None
-        self._clear_stats()
+        self.clear_stats()
 
     # -- runtime knobs ------------------------------------------------------------------
 
-    def set_top_k(self, k: int) -> None:
+    def set_top_k(self, k: Optional[int]) -> None:
+        """k active routed experts per token; None: the site's own spec k."""
+        k = self.shape.top_k if k is None else k
         if not 0 <= k <= self.num_experts:
             raise ValueError(f"top_k must lie in 0..{self.num_experts}, got {k}")
         self.top_k = k
@@ -168,12 +191,10 @@ class MoEFeedForward(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
-    def _clear_stats(self) -> None:
-        self.aux_loss: Optional[torch.Tensor] = None
-        self.z_loss: Optional[torch.Tensor] = None
+    def clear_stats(self) -> None:
+        """Forget the last forward's routing (the trainer calls it before every student forward)."""
+        self.stats: Optional[RoutingStats] = None
         self.tokens_per_expert: Optional[torch.Tensor] = None
-        self.router_entropy: Optional[torch.Tensor] = None
-        self.dropped_tokens: int = 0
 
     def route(self, x2: torch.Tensor):
         """Routing for flat tokens ``x2`` [T, D]: (probs [T, n], routing_map [T, n], logits)."""
@@ -185,16 +206,10 @@ class MoEFeedForward(nn.Module):
         probs, routing_map = mu.topk_routing_with_score_function(
             logits, self.top_k, use_pre_softmax=not self.renormalize, score_function="softmax"
         )
-        if self.capacity_factor is not None:
-            kept_probs, kept_map = mu.apply_router_token_dropping(
-                probs, routing_map, self.top_k, self.capacity_factor, drop_policy="probs"
-            )
-            self.dropped_tokens = int(routing_map.sum() - kept_map.sum())
-            probs, routing_map = kept_probs, kept_map
         return probs, routing_map, logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._clear_stats()
+        self.clear_stats()
         x2 = x.reshape(-1, x.shape[-1])
         y = self.shared(x2) if self.shared is not None else torch.zeros_like(x2)
         if self.bias is not None:
@@ -205,35 +220,30 @@ class MoEFeedForward(nn.Module):
 
     def _routed(self, x2: torch.Tensor) -> torch.Tensor:
         probs, routing_map, logits = self.route(x2)
+        dropped = 0
+        if self.capacity_factor is not None and not self.unit_gates:
+            kept_probs, kept_map = mu.apply_router_token_dropping(
+                probs, routing_map, self.top_k, self.capacity_factor, drop_policy="probs"
+            )
+            dropped = int(routing_map.sum() - kept_map.sum())
+            probs, routing_map = kept_probs, kept_map
         tokens_per_expert = routing_map.sum(dim=0)
         self.tokens_per_expert = tokens_per_expert.detach()
         if not self.unit_gates:
-            scores = torch.softmax(logits, dim=-1)
-            self.aux_loss = self._balance_loss(scores, tokens_per_expert)
-            if self.z_loss_coeff:
-                self.z_loss = mu.z_loss_func(logits, self.z_loss_coeff)
-            with torch.no_grad():
-                if scores.shape[0]:
-                    self.router_entropy = -(scores * torch.log(scores.clamp_min(1e-20))).sum(-1).mean()
+            self.stats = self._routing_stats(logits, tokens_per_expert, dropped)
         permuted, permuted_probs, sorted_indices = mu.permute(x2, routing_map, probs=probs)
         out = self._run_experts(permuted, tokens_per_expert)
         out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
         return mu.unpermute(out, sorted_indices, restore_shape=x2.shape)
 
-    def _balance_loss(self, scores: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Switch loss ``n * sum_i f_i P_i``; f from the balance group's counts when one is set."""
-        t = scores.shape[0]
-        if t == 0 and self.balance_group is None:
-            return scores.sum() * 0.0  # no tokens here (an empty MoB sub-batch): nothing to balance
-        if self.balance_group is None or dist.get_world_size(self.balance_group) == 1:
-            return mu.switch_load_balancing_loss_func(scores, tokens_per_expert, t, self.top_k, self.num_experts, 1.0)
-        counts = tokens_per_expert.detach().to(torch.float32)
-        dist.all_reduce(counts, group=self.balance_group)
-        f = counts / counts.sum().clamp_min(1)  # fraction of the global batch's assignments
-        # P from this rank's tokens: the mean over equal-sized ranks is the global P, and
-        # DeepSpeed averages gradients over ranks, so N ranks train on the global loss
-        p_mean = scores.mean(0) if t else scores.sum(0)  # an empty sub-batch contributes nothing
-        return self.num_experts * torch.sum(f * p_mean)
+    def _routing_stats(self, logits: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: int) -> RoutingStats:
+        with fp32_region(logits.device.type):
+            scores = torch.softmax(logits, dim=-1)
+            z_sum = torch.logsumexp(logits, dim=-1).pow(2).sum() if self.z_loss_coeff else None
+            with torch.no_grad():
+                entropy = -(scores * torch.log(scores.clamp_min(1e-20))).sum()
+        return RoutingStats(tokens=logits.shape[0], counts=tokens_per_expert.detach().float(),
+                            score_sum=scores.sum(0), z_sum=z_sum, entropy_sum=entropy, dropped=dropped)
 
     def _run_experts(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Tokens sorted by global expert id in, expert outputs in the same order out."""
@@ -270,7 +280,17 @@ def moe_layers(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFeedForward)]
 
 
-def set_top_k(model: nn.Module, k: int) -> None:
-    """Change the number of active routed experts at inference (0 = shared only)."""
+def set_top_k(model: nn.Module, k: Optional[int]) -> None:
+    """Change the number of active routed experts at every site (0 = shared only).
+
+    ``k`` is capped at each site's expert count; None restores each site's own
+    spec k (sites may differ: ``moe.overrides``).
+    """
     for _, layer in moe_layers(model):
-        layer.set_top_k(min(k, layer.num_experts))
+        layer.set_top_k(None if k is None else min(k, layer.num_experts))
+
+
+def clear_routing_stats(model: nn.Module) -> None:
+    """Forget every MoE layer's last routing, so that layers a forward skips report nothing."""
+    for _, layer in moe_layers(model):
+        layer.clear_stats()

@@ -15,13 +15,15 @@ def make_layer(spec="1S4E2A", dim=16, hidden=64, seed=0, **kw):
     return layer
 
 
-def reference(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
-    """Token-by-token loop: softmax over all experts, keep top-k (no renorm)."""
+def reference(layer: MoEFeedForward, x: torch.Tensor, renormalize: bool = False) -> torch.Tensor:
+    """Token-by-token loop: softmax over all experts, keep top-k (renormalised to sum 1 if asked)."""
     out = []
     for tok in x.reshape(-1, x.shape[-1]):
         y = layer.bias + layer.shared(tok)
         scores = torch.softmax(layer.router.weight @ tok, -1)
         vals, idx = scores.topk(layer.top_k)
+        if renormalize:
+            vals = vals / vals.sum()
         for v, e in zip(vals, idx):
             h = torch.nn.functional.gelu(layer.experts.w1[e] @ tok + layer.experts.b1[e], approximate="tanh")
             y = y + v * (layer.experts.w2[e] @ h)
@@ -35,14 +37,34 @@ def test_matches_token_loop_reference():
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-5, atol=1e-6)
 
 
-def test_stats_and_aux_losses():
+def test_renormalized_top_k_matches_the_reference():
+    layer = make_layer(renormalize=True)
+    x = torch.randn(3, 7, 16)
+    out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x, renormalize=True), rtol=1e-5, atol=1e-6)
+    # and it is a different layer from the plain top-k one
+    assert not torch.allclose(out, reference(layer, x), rtol=1e-3, atol=1e-4)
+
+
+def test_routing_stats_are_the_sums_of_a_token_loop():
     layer = make_layer(z_loss_coeff=1e-3)
     x = torch.randn(50, 16)
     layer(x)
-    assert layer.tokens_per_expert.sum() == 50 * 2
-    assert layer.aux_loss is not None and layer.aux_loss > 0
-    assert layer.z_loss is not None and layer.z_loss > 0
-    assert 0 < layer.router_entropy <= torch.log(torch.tensor(4.0)) + 1e-6
+    logits = x @ layer.router.weight.t()
+    scores = torch.softmax(logits, -1)
+    chosen = scores.topk(2, dim=-1).indices
+    counts = torch.zeros(4)
+    for row in chosen:
+        counts[row] += 1
+    s = layer.stats
+    assert s.tokens == 50 and torch.equal(s.counts, counts) and torch.equal(layer.tokens_per_expert.float(), counts)
+    torch.testing.assert_close(s.score_sum, scores.sum(0))
+    torch.testing.assert_close(s.z_sum, (torch.logsumexp(logits, -1) ** 2).sum())
+    torch.testing.assert_close(s.entropy_sum, -(scores * scores.log()).sum())
+    assert s.dropped == 0
+    layer.set_top_k(0)
+    layer(x)
+    assert layer.stats is None  # nothing routed: nothing to balance
 
 
 def test_top_k_changeable_at_inference():
@@ -65,9 +87,18 @@ def test_gradients_reach_router_and_experts():
 
 def test_capacity_drops_and_counts():
     layer = make_layer(capacity_factor=0.5)
-    layer(torch.randn(40, 16))
-    assert layer.dropped_tokens > 0
+    x = torch.randn(40, 16)
+    layer(x)
     assert layer.tokens_per_expert.max() <= 10  # ceil(40 * 2 / 4 * 0.5)
+    # what was dropped: every assignment above an expert's capacity, the lowest scores first
+    scores = torch.softmax(x @ layer.router.weight.t(), -1)
+    top = scores.topk(2, dim=-1)
+    want_dropped = 0
+    for e in range(4):
+        mine = top.values[top.indices == e]
+        want_dropped += max(0, mine.numel() - 10)
+    assert want_dropped > 0 and layer.stats.dropped == want_dropped
+    assert int(layer.tokens_per_expert.sum()) == 80 - want_dropped
 
 
 def test_router_is_fp32_under_bf16():
@@ -77,12 +108,12 @@ def test_router_is_fp32_under_bf16():
     assert y.dtype == torch.bfloat16
 
 
-def _ep_worker(rank, world, x_all, state):
+def _ep_worker(rank, world, x_all, state, capacity_factor=None):
     import torch.distributed as dist
 
     group = dist.new_group(list(range(world)))
     torch.manual_seed(0)
-    layer = MoEFeedForward(MoESpec.parse("1S4E2A").resolve(16, 64), ep_group=group)
+    layer = MoEFeedForward(MoESpec.parse("1S4E2A").resolve(16, 64), ep_group=group, capacity_factor=capacity_factor)
     nl = 4 // world
     sd = dict(state)
     for w in ("w1", "b1", "w2"):
@@ -91,7 +122,7 @@ def _ep_worker(rank, world, x_all, state):
     x = x_all[rank].clone().requires_grad_(True)
     y = layer(x)
     y.pow(2).sum().backward()
-    ref = MoEFeedForward(MoESpec.parse("1S4E2A").resolve(16, 64))
+    ref = MoEFeedForward(MoESpec.parse("1S4E2A").resolve(16, 64), capacity_factor=capacity_factor)
     ref.load_state_dict(state)
     xr = x_all[rank].clone().requires_grad_(True)
     yr = ref(xr)
@@ -102,11 +133,15 @@ def _ep_worker(rank, world, x_all, state):
     g = ref.experts.w1.grad.clone()
     dist.all_reduce(g)
     torch.testing.assert_close(layer.experts.w1.grad, g[rank * nl : (rank + 1) * nl], rtol=1e-5, atol=1e-6)
+    if capacity_factor is not None:  # the capacity applies to each rank's own tokens, as on one rank
+        assert layer.stats.dropped == ref.stats.dropped > 0
+        assert torch.equal(layer.tokens_per_expert, ref.tokens_per_expert)
 
 
 @pytest.mark.multiproc
-def test_expert_parallel_all_to_all_matches_single_rank():
+@pytest.mark.parametrize("capacity_factor", [None, 0.5], ids=["dropless", "capacity 0.5"])
+def test_expert_parallel_all_to_all_matches_single_rank(capacity_factor):
     layer = make_layer()
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     x_all = torch.randn(2, 9, 16)
-    run_ranks(_ep_worker, 2, x_all, state)
+    run_ranks(_ep_worker, 2, x_all, state, capacity_factor)
