@@ -78,22 +78,18 @@ def cmd_sample(args) -> int:
     """Teacher vs student on the digits preset: sample grid PNG and digit accuracy JSON."""
     from pathlib import Path
 
-    from d2m_dist.convert.digits_calibration import teacher_card
-    from d2m_dist.eval.digits_eval import EvalConfig, evaluate, save_grid
-    from d2m_dist.models.flux import load_teacher
     from d2m_dist.config import TeacherConfig
-    from d2m_dist.models.portable import StudentMeta, load_student
-    from d2m_dist.models.spec import MoESpec
+    from d2m_dist.convert.digits_calibration import teacher_card
+    from d2m_dist.eval.digits_eval import EvalConfig, compare_with_teacher, save_grid
+    from d2m_dist.models.flux import load_teacher
+    from d2m_dist.models.portable import load_student
 
     cfg = load_config(EvalConfig, None, args.overrides)
     teacher = load_teacher(TeacherConfig(path=args.teacher))
     student = load_student(args.student)
-    meta = StudentMeta.read(Path(args.student))
-    k = args.k if args.k is not None else max(MoESpec.parse(v).top_k for v in meta.site_specs.values())
-    models = [("teacher", teacher, None), (f"student_k{k}", student, k), ("student_k0", student, 0)]
-    accuracy, images = evaluate(models, teacher_card(args.teacher), cfg)
+    accuracy, images = compare_with_teacher(teacher, student, teacher_card(args.teacher), cfg, top_k=args.k)
     grid = save_grid(images, cfg.n_per_digit, args.out)
-    result = {"accuracy": accuracy, "grid": str(grid), "rows": [m[0] for m in models], **vars(cfg)}
+    result = {"accuracy": accuracy, "grid": str(grid), "rows": list(accuracy), **vars(cfg)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
@@ -183,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sample", help="digits: teacher vs student sample grid and accuracy")
     sp.add_argument("--teacher", required=True)
     sp.add_argument("--student", required=True)
-    sp.add_argument("--k", type=int, help="active routed experts (default: the spec's k)")
+    sp.add_argument("--k", type=int, help="active routed experts at every site (default: each site's spec k)")
     sp.add_argument("--out", required=True, help="grid PNG path")
     sp.add_argument("--json", help="write the accuracies here")
     sp.add_argument("overrides", nargs="*", help="n_per_digit=, steps=, guidance_scale=, seed=")

@@ -53,7 +53,7 @@ class MoEConfig:
     single_blocks: Optional[List[int]] = None
     overrides: List[SiteOverride] = field(default_factory=list)
     # Renormalise the top-k softmax scores to sum to one (off: softmax over all
-    # experts, then keep the top k, as in METHOD.md).
+    # experts, then keep the top k, as in docs/METHOD.md, section 1).
     renormalize: bool = False
     z_loss_coeff: float = 0.0
     # None: dropless. A float c caps each expert at ceil(c * tokens * k / n) tokens.
@@ -242,6 +242,9 @@ class LogConfig:
     sample_every: int = 0  # teacher/student sample grid every N steps (0: only at the end)
     sample_count: int = 10  # digits: images per digit = count // 10; VAE presets: prompts from the shards
     sample_steps: int = 20  # Euler steps per sample
+    # the stage's loss on this many fixed batches (per rank) before the first and after the last
+    # step, in summary.json: the same batches and noise at both ends, so the change is the training's
+    fixed_batches: int = 4
     # VAE that decodes the grid of a latent-space preset; None: vae/ in the teacher's pipeline folder
     sample_vae: Optional[str] = None
     progress: bool = True
@@ -249,10 +252,12 @@ class LogConfig:
 
 @dataclass
 class LossConfig:
-    output: float = 1.0
-    feature: float = 1.0
-    balance: float = 1e-2
-    group: float = 1.0
+    # None: the stage's recipe (d2m_dist/distill/stages.py): output and block features in
+    # stages 1-2, load balance 1e-2 in stage 2, the MoB group feature loss alone in stage 3
+    output: Optional[float] = None
+    feature: Optional[float] = None
+    balance: Optional[float] = None
+    group: Optional[float] = None
 
 
 @dataclass
@@ -274,7 +279,9 @@ class StageConfig:
     # parameter groups that train; empty: the stage's default
     # (1: shared experts and output biases; 2: routed experts and routers; 3: MoB routers)
     trainable: List[str] = field(default_factory=list)
-    top_k: Optional[int] = None  # None: stage 1 uses 0 (shared only), later stages the spec's k
+    # active routed experts at every site; None: the stage's recipe (stage 1: 0, the shared
+    # expert alone; later stages: each site's own spec k, so per-site overrides hold)
+    top_k: Optional[int] = None
     mob: MoBConfig = field(default_factory=MoBConfig)  # stage 3: groups to add if the student has none
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

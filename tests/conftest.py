@@ -31,3 +31,13 @@ def digits_student(digits_teacher, tmp_path_factory):
     cfg = ConvertConfig(teacher=TeacherConfig(path=str(digits_teacher)), moe=MoEConfig(spec="1S4E2A"),
                         calibration=CalibrationConfig(source="digits", num_batches=2, batch_size=16), output=str(out))
     return run_convert(cfg)
+
+
+@pytest.fixture(scope="session")
+def digits_latent_shards(tmp_path_factory):
+    """Precomputed shards shaped for the digits teacher (1x8x8 pixel latents, 8 MiniLM tokens of 384):
+    4 shards of 12 samples, random values, in ``d2m precompute``'s format. Returns their brace pattern."""
+    from tests.tiny import write_precomputed_shards
+
+    return write_precomputed_shards(tmp_path_factory.mktemp("digits_shards"), shards=4, per_shard=12,
+                                    latent=(1, 8, 8), text_tokens=8, dim=384)

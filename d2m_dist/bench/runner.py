@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from d2m_dist.bench.common import machine, table
 from d2m_dist.config import ConfigError

@@ -142,7 +142,7 @@ class CheckpointDir:
         if tag is None:
             return None
         f = self.root / tag / _rank_file()
-        return torch.load(f, map_location="cpu", weights_only=False) if f.is_file() else None
+        return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
 
 def _rank_file() -> str:

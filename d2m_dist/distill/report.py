@@ -37,6 +37,10 @@ def run_summary(run_dir: str | Path) -> Dict:
             "wandb_run_id": summ.get("wandb_run_id"),
         }
         stage["loss_fell"] = bool(loss) and stage["loss_last"] < stage["loss_first"]
+        fixed = summ.get("fixed_batch_loss") or {}
+        stage["fixed_batch_loss"] = fixed
+        if fixed.get("start") is not None and fixed.get("end") is not None:
+            stage["fixed_batch_loss_fell"] = fixed["end"] < fixed["start"]
         if stage["max_over_mean_expert_load"]:
             stage["max_over_mean_worst"] = max(stage["max_over_mean_expert_load"].values())
         out["stages"][f"stage{s}"] = stage

@@ -1,14 +1,15 @@
 """The stage trainer (stages 1-3): student under DeepSpeed, frozen teacher, distillation losses.
 
-One class for every stage; the stage's config decides what trains, which losses
-apply, and the parallel layout (DESIGN.md): stage 1 under ZeRO-3, stages 2-3
+One class for every stage; the stage's recipe (``distill/stages.py``, with the
+config's overrides) decides what trains, at which top-k, with which losses and
+at which ZeRO stage (docs/ARCHITECTURE.md): stage 1 under ZeRO-3, stages 2-3
 with expert parallelism plus ZeRO-2; the teacher plain or as a ZeRO-3 inference
 engine (optionally offloaded to CPU).
 
 Order of work: everything a user can get wrong is checked before the first
 expensive step (init folder, teacher/student agreement, ep_size and world size);
 then the engine is built, the latest checkpoint (if any) loaded, and the loop
-runs until ``steps``, a signal, or too many non-finite losses in a row.
+runs until ``steps``, a signal, or too many skipped (non-finite) steps in a row.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,13 +31,13 @@ from d2m_dist.distill import losses as L
 from d2m_dist.distill.batches import DigitsBatches, ShardBatches
 from d2m_dist.distill.ema import StudentEMA
 from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
-from d2m_dist.distill.stages import set_trainable, stage_top_k, stage_trainable
+from d2m_dist.distill.stages import StageRecipe, apply_recipe_to_student, routers_train, stage_recipe
 from d2m_dist.distill.taps import tapped
 from d2m_dist.distill.tracking import Tracker
-from d2m_dist.models.flux import call_flux, load_flux_config, load_teacher
+from d2m_dist.models.flux import call_flux, load_flux_config, load_teacher, parse_dtype
 from d2m_dist.models.mob import apply_mob, mob_groups
-from d2m_dist.models.moe import moe_layers, set_top_k
-from d2m_dist.models.portable import StudentMeta, load_student
+from d2m_dist.models.moe import clear_routing_stats, moe_layers
+from d2m_dist.models.portable import StudentMeta, load_student, read_provenance, to_storage_dtype, write_student
 from d2m_dist.models.precision import bf16_autocast
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.parallel import deepspeed_setup as dss
@@ -56,7 +57,8 @@ ARCH_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attentio
 # ----------------------------------------------------------------------------- checks before any work
 
 
-def check_inputs(cfg: StageConfig, world: int) -> StudentMeta:
+def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe]:
+    recipe = stage_recipe(cfg)
     init = Path(cfg.init)
     if not init.is_dir():
         raise ConfigError(f"init: student folder {init} not found (run the previous stage first)")
@@ -81,9 +83,15 @@ def check_inputs(cfg: StageConfig, world: int) -> StudentMeta:
             expand_shard_urls(cfg.data.urls)
         except DataError as exc:
             raise ConfigError(str(exc)) from None
-    if cfg.stage == 3 and not meta.mob.get("enabled") and not cfg.mob.enabled:
-        raise ConfigError("stage 3 needs Mixture-of-Blocks groups: set mob.enabled=true and mob.double/mob.single")
-    return meta
+    if recipe.mob and not meta.mob.get("enabled") and not cfg.mob.enabled:
+        raise ConfigError(f"stage {cfg.stage} needs Mixture-of-Blocks groups: set mob.enabled=true and "
+                          f"mob.double/mob.single")
+    if cfg.mob.enabled and meta.mob.get("enabled") and to_dict(cfg.mob) != meta.mob:
+        raise ConfigError(f"mob: the student {init} already has Mixture-of-Blocks groups ({meta.mob}); "
+                          f"leave mob.enabled=false to train them")
+    if cfg.mob.enabled and not recipe.mob:
+        raise ConfigError(f"mob: stage {cfg.stage} trains with every block on; Mixture of Blocks starts in stage 3")
+    return meta, recipe
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -93,24 +101,22 @@ class StageTrainer:
     def __init__(self, cfg: StageConfig):
         self.cfg = cfg
         # user errors first: before process groups, DeepSpeed or any weights
-        self.meta = check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.meta, self.recipe = check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         self.info: DistInfo = init_distributed(cfg.device)
         self.stage_dir = Path(cfg.run_dir) / f"stage{cfg.stage}"
         self.device = self.info.device
         torch.manual_seed(cfg.seed)
 
         self.ep_group = ep_group = dss.expert_group(cfg.parallel.ep_size)
-        student = load_student(cfg.init, ep_group=ep_group)
-        if cfg.stage == 3 and not mob_groups(student):
+        # fp32 master weights whatever the folder's storage dtype: bf16 runs as autocast
+        student = load_student(cfg.init, ep_group=ep_group, dtype=torch.float32)
+        self.mob_added = cfg.mob.enabled and not mob_groups(student)
+        if self.mob_added:
             apply_mob(student, cfg.mob)
-        spec_k = max(MoESpec.parse(s).top_k for s in self.meta.site_specs.values())
-        set_top_k(student, stage_top_k(cfg, spec_k))
-        self.trainable = stage_trainable(cfg)
-        n_train = set_trainable(student, self.trainable)
-        if self.info.world > 1:  # the global batch's expert balance (see MoEFeedForward.balance_group)
-            for _, layer in moe_layers(student):
-                layer.balance_group = dist.group.WORLD
-        self.engine = dss.student_engine(student.to(self.device), cfg, self.info)
+        n_train = apply_recipe_to_student(student, self.recipe)
+        self.trainable = list(self.recipe.trainable)
+        self.aux_losses = routers_train(student)
+        self.engine = dss.student_engine(student.to(self.device), cfg, self.info, self.recipe.zero_stage)
         self.student = self.engine.module
         self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
         self.teacher = self._build_teacher()
@@ -120,13 +126,20 @@ class StageTrainer:
         self.batches = make_batches(cfg, self.info, self._teacher_module().config)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
+        # step attempts so far, applied or skipped: it picks the batches and the noise, so a
+        # skipped step's retry draws new ones instead of repeating what failed
+        self.draws = 0
         self.bad_in_row = 0
         self.skipped_steps = 0
         self.history: Dict[str, list] = {"loss": []}
+        self.fixed_loss: Dict[str, float] = {}  # the stage's loss on fixed batches: "start" and "end"
+        self._t_teacher = self._c_teacher = 0.0
         self.last_load: Dict[str, Dict[str, float]] = {}
         self._signal = None
         self._grid = None  # latent presets: (prompts, VAE) once loaded; False when there is no VAE
         self._resume()
+        if self.step == 0 and "start" not in self.fixed_loss:
+            self.fixed_loss["start"] = self.fixed_batch_loss()
         self.tracker = Tracker(self.stage_dir, cfg.log.project, f"stage{cfg.stage}", to_dict(cfg),
                                cfg.log.wandb, self.info.is_main)
         log.info("stage %d: %s trainable parameters (%s), world %d, ep_size %d, start step %d",
@@ -145,14 +158,19 @@ class StageTrainer:
         if client is None:
             return
         self.step = int(client["step"])
+        self.draws = int(client.get("draws", self.step + int(client.get("skipped_steps", 0))))
         self.skipped_steps = int(client.get("skipped_steps", 0))
         self.history = client.get("history", self.history)
+        self.fixed_loss = client.get("fixed_loss", {})
         self.last_load = client.get("last_load", {})
         set_rng_state(client["rng"][self.info.rank] if isinstance(client["rng"], list) else client["rng"])
-        self.batches.load_state_dict(client.get("data", {}))
+        # each rank's own data position: DeepSpeed writes the client state from rank 0 alone under
+        # ZeRO-1/2, so the position lives in the rank's own file
+        rank_state = self.ckpt.load_rank_state() or {}
+        self.batches.load_state_dict(rank_state["data"] if "data" in rank_state else client.get("data", {}))
         if self.ema is not None:
             try:
-                self.ema.load_state_dict((self.ckpt.load_rank_state() or {}).get("ema"))
+                self.ema.load_state_dict(rank_state.get("ema"))
             except ValueError as exc:
                 raise ConfigError(f"{self.ckpt.root / self.ckpt.latest()}: {exc}") from None
         log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
@@ -163,15 +181,19 @@ class StageTrainer:
             dist.all_gather_object(rngs, rng_state())
         else:
             rngs = [rng_state()]
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "history": self.history, "rng": rngs,
-                "data": self.batches.state_dict(), "last_load": self.last_load, "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None}
+        return {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped_steps, "history": self.history,
+                "rng": rngs, "last_load": self.last_load, "fixed_loss": self.fixed_loss,
+                "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None}
 
-    def _rank_state(self) -> Optional[Dict]:
-        return {"ema": self.ema.state_dict()} if self.ema is not None else None
+    def _rank_state(self) -> Dict:
+        state = {"data": self.batches.state_dict()}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def _layout(self) -> Dict:
         return {"world_size": self.info.world, "ep_size": self.cfg.parallel.ep_size,
-                "zero_stage": dss.zero_stage(self.cfg)}
+                "zero_stage": self.recipe.zero_stage}
 
     def _save(self) -> None:
         self.ckpt.save(self.engine, self.step, self._client_state(), self._rank_state(), self._layout())
@@ -183,42 +205,60 @@ class StageTrainer:
     # -- one step --------------------------------------------------------------------
 
     def _losses(self, inputs, target) -> Dict[str, torch.Tensor]:
-        w = self.cfg.loss
+        """Every loss term of the stage's recipe on one micro-batch; ``total`` is their weighted sum.
+
+        Collective: the block-feature weights and the routing losses use the global
+        batch's statistics (one all_reduce each), so N ranks train what one would.
+        """
+        w = self.recipe.losses
         t0, c0 = time.perf_counter(), COMM_CLOCK.seconds()
         with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats, self._autocast():
             t_out = call_flux(self.teacher, inputs.to(dtype=self._teacher_dtype))
         self._t_teacher += time.perf_counter() - t0
         self._c_teacher += COMM_CLOCK.seconds() - c0
+        clear_routing_stats(self.student)
         with tapped(self.student, detach=False) as s_feats:
             s_out = call_flux(self.engine, inputs)
         out: Dict[str, torch.Tensor] = {}
         out["output"] = L.output_loss(s_out, t_out)
         total = w.output * out["output"]
-        if self.cfg.stage in (1, 2) and w.feature:
+        if w.feature:
             out["feature"] = L.block_feature_loss(s_feats, t_feats, out["output"])  # global stats over WORLD
             total = total + w.feature * out["feature"]
-        if self.cfg.stage == 3 and w.group:
+        if w.group:
             keys = [k for k, _ in _group_keys(self.student)]
             out["group"] = L.group_feature_loss(s_feats, t_feats, keys)
             total = total + w.group * out["group"]
-        bal = L.balance_loss(m.aux_loss for _, m in moe_layers(self.student))
-        if bal is not None and w.balance and ("experts" in self.trainable or "routers" in self.trainable):
-            out["balance"] = bal
-            total = total + w.balance * bal
-        z = [m.z_loss for _, m in moe_layers(self.student) if m.z_loss is not None]
-        if z:
-            out["z"] = torch.stack(z).sum()
-            total = total + out["z"]
+        if self.aux_losses:
+            balance, z = L.router_aux_losses([m for _, m in moe_layers(self.student)])
+            if w.balance:
+                out["balance"] = balance
+                total = total + w.balance * balance
+            if any(m.z_loss_coeff for _, m in moe_layers(self.student)):
+                out["z"] = z
+                total = total + z
         with torch.no_grad():
             out["teacher_flow"] = torch.mean((t_out.float() - target.to(t_out.device).float()) ** 2)
         out["total"] = total
         return out
 
+    @torch.no_grad()
+    def fixed_batch_loss(self) -> Optional[float]:
+        """The recipe's total loss, averaged over ``log.fixed_batches`` fixed batches and the ranks. Collective."""
+        n = self.cfg.log.fixed_batches
+        if n < 1:
+            return None
+        total = 0.0
+        for i in range(n):
+            inputs, target = self.batches.fixed(i)
+            total += _mean_over_ranks({"total": self._losses(inputs.to(self.device), target)["total"]})["total"]
+        return total / n
+
     def _teacher_module(self):
         return getattr(self.teacher, "module", self.teacher)
 
     def train_step(self, measure_comm: bool = False) -> Optional[Dict[str, float]]:
-        """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite loss).
+        """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite gradients).
 
         ``measure_comm``: split communication out of the step's times (synchronises around
         every collective, so only the steps that log ask for it).
@@ -236,19 +276,20 @@ class StageTrainer:
         values: Dict[str, float] = {}
         t_data = t_fwd_bwd = t_step = c_fwd_bwd = c_step = 0.0
         self._t_teacher = self._c_teacher = 0.0
+        draw, self.draws = self.draws, self.draws + 1
+        # Every micro-step runs its backward even after a non-finite loss: the skip is decided
+        # at the accumulation boundary by DeepSpeed's own check of the reduced gradients (an
+        # invalid norm discards the step whole: no update, no scheduler step, accumulation
+        # buffers cleared), so the boundary never shifts and nothing stale leaks onward.
         for micro in range(accum):
             t0 = time.perf_counter()
-            inputs, target = self.batches.get(self.step * accum + micro)
+            inputs, target = self.batches.get(draw, micro)
             inputs = inputs.to(self.device)  # fp32: autocast (bf16 mode) casts inside the matrix products
             t1, c1 = time.perf_counter(), COMM_CLOCK.seconds()
             out = self._losses(inputs, target)
-            finite = bool(torch.isfinite(out["total"]).item())
-            if any_true(not finite, self.device):
-                self.engine.zero_grad()  # drop what earlier micro-steps of this step accumulated
-                return None
             self.engine.backward(out["total"])
             t2, c2 = time.perf_counter(), COMM_CLOCK.seconds()
-            self.engine.step()  # gradient reduction (ZeRO) and the optimizer
+            self.engine.step()  # gradient reduction (ZeRO) and, at the boundary, the optimizer
             t_step += time.perf_counter() - t2
             c_step += COMM_CLOCK.seconds() - c2
             t_fwd_bwd += t2 - t1
@@ -256,6 +297,8 @@ class StageTrainer:
             t_data += t1 - t0
             for k, v in _mean_over_ranks(out).items():
                 values[k] = values.get(k, 0.0) + v / accum
+        if not self.engine.was_step_applied():
+            return None
         if self.ema is not None:
             self.ema.update()
         values["time/data"] = t_data
@@ -291,11 +334,12 @@ class StageTrainer:
                 if values is None:
                     self.skipped_steps += 1
                     self.bad_in_row += 1
-                    log.warning("non-finite loss at step %d: step skipped (%d in a row)", self.step, self.bad_in_row)
+                    log.warning("non-finite gradients at step %d: step skipped (%d in a row)", self.step,
+                                self.bad_in_row)
                     if self.bad_in_row >= cfg.max_bad_steps:
                         self.ckpt.root = self.stage_dir / "diagnostic"
                         self._save()
-                        log.error("%d non-finite losses in a row: diagnostic checkpoint in %s", self.bad_in_row,
+                        log.error("%d non-finite steps in a row: diagnostic checkpoint in %s", self.bad_in_row,
                                   self.ckpt.root)
                         return EXIT_DIVERGED
                     continue
@@ -349,7 +393,7 @@ class StageTrainer:
         ecfg = EvalConfig(n_per_digit=n, steps=self.cfg.log.sample_steps, seed=0)
         was_training = self.student.training
         with self._autocast():
-            acc, images = evaluate([("teacher", self._teacher_module(), None), ("student", self.student, None)],
+            acc, images = evaluate([("teacher", self._teacher_module()), ("student", self.student)],
                                    teacher_card(self.cfg.teacher.path), ecfg)
         self.student.train(was_training)
         if not self.info.is_main:
@@ -393,11 +437,12 @@ class StageTrainer:
         return path
 
     def _log(self, values: Dict[str, float], dt: float, samples_per_step: int) -> None:
-        load = expert_load(self.student, self.device)  # collective: every rank logs at the same steps
+        # collective: every rank logs at the same steps
+        load, usage = expert_load(self.student, self.device), block_usage(self.student, self.device)
         self.last_load = load
         metrics = {f"loss/{k}": v for k, v in values.items() if not k.startswith("time/") and k != "tokens_per_sample"}
         metrics.update({k: v for k, v in values.items() if k.startswith("time/")})
-        metrics.update(flatten_metrics(load, block_usage(self.student)))
+        metrics.update(flatten_metrics(load, usage))
         metrics["images_per_s"] = samples_per_step / dt
         metrics["tokens_per_s"] = samples_per_step * values.pop("tokens_per_sample", 0.0) / dt
         metrics["lr"] = self.engine.get_lr()[0]
@@ -416,6 +461,7 @@ class StageTrainer:
         load = getattr(self, "last_load", {})
         return {
             "stage": self.cfg.stage, "step": self.step, "skipped_steps": self.skipped_steps,
+            "fixed_batch_loss": self.fixed_loss,
             "first_loss": self.history["loss"][0] if self.history["loss"] else None,
             "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},
@@ -426,7 +472,8 @@ class StageTrainer:
 
 def make_batches(cfg: StageConfig, info: DistInfo, model_config=None):
     if cfg.data.source == "digits":
-        return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed)
+        return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
+                             cfg.optim.grad_accum)
     from d2m_dist.convert.digits_calibration import is_digits_teacher, teacher_card
 
     guidance = cfg.data.guidance
@@ -447,9 +494,10 @@ def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:
 
 
 def export_student(trainer: "StageTrainer") -> Optional[Path]:
-    """Write the trained student in the portable format to ``<stage_dir>/export`` (the next stage's init)."""
-    from d2m_dist.models.portable import write_student
+    """Write the trained student in the portable format to ``<stage_dir>/export`` (the next stage's init).
 
+    Weights are stored in the student folder's dtype (training ran on fp32 master weights).
+    """
     sd = dss.gather_full_state_dict(trainer.student, trainer.ep_group)
     ema = trainer.ema is not None and trainer.cfg.ema.export
     if ema:
@@ -457,12 +505,11 @@ def export_student(trainer: "StageTrainer") -> Optional[Path]:
     if not trainer.info.is_main:
         return None
     meta = trainer.meta
-    mob = to_dict(trainer.cfg.mob) if trainer.cfg.stage == 3 and not meta.mob.get("enabled") else meta.mob
+    mob = to_dict(trainer.cfg.mob) if trainer.mob_added else meta.mob
     out_meta = StudentMeta(meta.base_model, meta.moe, meta.site_specs, mob, meta.dtype,
                            {**meta.extra, "stage": trainer.cfg.stage, "step": trainer.step,
                             "weights": f"ema {trainer.cfg.ema.decay}" if ema else "last"})
-    from d2m_dist.models.portable import read_provenance
-
+    sd = to_storage_dtype(sd, parse_dtype(meta.dtype))
     try:
         provenance = read_provenance(trainer.cfg.init)
     except ConfigError:
@@ -481,6 +528,7 @@ def run_stage(cfg: StageConfig) -> int:
     trainer = StageTrainer(cfg)
     code = trainer.train()
     if code == EXIT_OK:
+        trainer.fixed_loss["end"] = trainer.fixed_batch_loss()
         trainer.sample_grid()
         export_student(trainer)
     if trainer.info.is_main:

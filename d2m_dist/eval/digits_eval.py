@@ -36,17 +36,31 @@ def _sample(model, card: PretrainConfig, cfg: EvalConfig, labels: torch.Tensor) 
     return sample_digits(model, labels.tolist(), sampler, card.max_tokens)
 
 
-def evaluate(models: Sequence[Tuple[str, torch.nn.Module, Optional[int]]], card: PretrainConfig,
+def evaluate(models: Sequence[Tuple[str, torch.nn.Module]], card: PretrainConfig,
              cfg: EvalConfig) -> Tuple[Dict[str, float], List[torch.Tensor]]:
-    """``models``: (name, model, top_k or None). Returns accuracies and each model's images."""
+    """``models``: (name, model), each sampled as it is set up. Returns accuracies and each model's images."""
     labels = torch.arange(10).repeat_interleave(cfg.n_per_digit)
     accuracy, images = {}, []
-    for name, model, k in models:
-        if k is not None:
-            set_top_k(model, k)
+    for name, model in models:
         imgs = _sample(model, card, cfg, labels)
         accuracy[name] = digit_accuracy(imgs, labels)
         images.append(imgs)
+    return accuracy, images
+
+
+def compare_with_teacher(teacher: torch.nn.Module, student: torch.nn.Module, card: PretrainConfig, cfg: EvalConfig,
+                         top_k: Optional[int] = None) -> Tuple[Dict[str, float], List[torch.Tensor]]:
+    """Rows: the teacher, the student at ``top_k`` (None: each site's own spec k), the student's shared experts alone.
+
+    The student is left at ``top_k``.
+    """
+    accuracy, images = evaluate([("teacher", teacher)], card, cfg)
+    for name, k in (("student" if top_k is None else f"student_k{top_k}", top_k), ("student_k0", 0)):
+        set_top_k(student, k)
+        acc, imgs = evaluate([(name, student)], card, cfg)
+        accuracy.update(acc)
+        images += imgs
+    set_top_k(student, top_k)
     return accuracy, images
 
 

@@ -1,4 +1,4 @@
-"""The portable student format (a public contract; DESIGN.md).
+"""The portable student format (a public contract; docs/ARCHITECTURE.md).
 
 A folder holding:
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from d2m_dist.config import ConfigError, MoBConfig, MoEConfig
 from d2m_dist.models.flux import build_flux, parse_dtype
-from d2m_dist.models.mob import apply_mob
+from d2m_dist.models.mob import apply_mob, mob_groups
 from d2m_dist.models.moe import moe_layers
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.models.surgery import SitePartition, convert_to_moe
@@ -101,6 +101,11 @@ def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         if layer.experts.num_local != layer.num_experts:
             raise ValueError(f"{name}: holds experts {list(layer.global_expert_ids)} of {layer.num_experts}; gather first")
     return {k: v.detach().contiguous() for k, v in sd.items()}
+
+
+def to_storage_dtype(state_dict: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """Floating-point weights in the folder's ``dtype``, routers (MoE and MoB) kept in fp32."""
+    return {k: v.to(dtype) if v.is_floating_point() and ".router." not in k else v for k, v in state_dict.items()}
 
 
 def write_student(
@@ -218,8 +223,10 @@ def load_student(
     if leftover:
         raise ConfigError(f"student {folder}: no weights for {leftover[:3]}")
     model.to(device=device)
-    if dtype is not None:
+    if dtype is not None and dtype != parse_dtype(meta.dtype):
         model.to(dtype=dtype)
-        for _, layer in moe_layers(model):  # routers stay fp32
+        for _, layer in moe_layers(model):  # routers stay fp32 (MoE and MoB alike)
             layer.router.float()
+        for _, group in mob_groups(model):
+            group.router.float()
     return model.eval()

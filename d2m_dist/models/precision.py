@@ -3,7 +3,7 @@
 Training on GPU runs the student under DeepSpeed's ``torch_autocast`` (fp32
 master weights, bf16 matrix products) and the teacher under the same autocast.
 Routers decide discrete assignments from small logit differences, so they run
-in fp32 even inside an autocast region (METHOD.md: fp32 routers).
+in fp32 even inside an autocast region (docs/METHOD.md, section 1: fp32 routers).
 """
 
 from __future__ import annotations

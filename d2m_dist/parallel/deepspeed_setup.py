@@ -117,14 +117,8 @@ def lr_lambda(cfg: StageConfig):
     return fn
 
 
-def zero_stage(cfg: StageConfig) -> int:
-    if cfg.parallel.zero_stage is not None:
-        return cfg.parallel.zero_stage
-    return 3 if cfg.stage == 1 else 2
-
-
-def student_config(cfg: StageConfig, info: DistInfo) -> Dict:
-    stage = zero_stage(cfg)
+def student_config(cfg: StageConfig, info: DistInfo, stage: int) -> Dict:
+    """DeepSpeed's config for the student at ZeRO ``stage`` (the stage recipe decides it)."""
     zero: Dict = {"stage": stage}
     if stage in (1, 2):
         # DeepSpeed's MoE support in ZeRO-1/2 requires both
@@ -144,7 +138,13 @@ def student_config(cfg: StageConfig, info: DistInfo) -> Dict:
     return ds
 
 
-def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
+def _local_expert_copies(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Copies of the expert stacks this rank holds (under expert parallelism they differ by rank)."""
+    return {f"{n}.experts.{w}": t.detach().clone() for n, m in model.named_modules() if isinstance(m, MoEFeedForward)
+            for w, t in m.experts.named_parameters()}
+
+
+def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo, zero_stage: int):
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -154,6 +154,9 @@ def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
                         for p in m.experts.parameters())
     if experts_train:
         adopt_moe_layers(model, cfg.parallel.ep_size)
+    # deepspeed.initialize broadcasts every parameter it does not know as an expert from rank 0,
+    # frozen ones included: frozen expert shards would all become rank 0's. Put them back after.
+    frozen_experts = _local_expert_copies(model) if cfg.parallel.ep_size > 1 and not experts_train else {}
     o = cfg.optim
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": trainable, "name": "dense", "lr": o.lr, "weight_decay": o.weight_decay}]
@@ -163,7 +166,12 @@ def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo):
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=student_config(cfg, info))
+                                           config=student_config(cfg, info, zero_stage))
+    if frozen_experts:
+        params = dict(engine.module.named_parameters())
+        with torch.no_grad():
+            for name, t in frozen_experts.items():
+                params[name].copy_(t)
     return engine
 
 

@@ -37,19 +37,26 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join (or create) the default process group; single process works without a launcher."""
+    """Join (or create) the default process group; single process works without a launcher.
+
+    A group that already exists (the caller made it) is adopted: DeepSpeed's communication
+    layer wraps it, so its expert-parallel groups and engines work on it.
+    """
     import deepspeed
 
     device = pick_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
         if "RANK" not in os.environ:  # plain `python`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         # DeepSpeed's CPU accelerator needs LOCAL_SIZE for its shared-memory op
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         if device.type == "cpu":
             atexit.register(remove_shm_buffers, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)

@@ -120,8 +120,11 @@ def test_exact_resume_resampled_mode(digit_shards):
     resumed.load_state_dict(copy.deepcopy(first.state_dict()))
     tail = list(islice(iter(resumed), 8))
     assert _same(head + tail, full)
-    # resampled draws with replacement: more batches than one epoch holds, repeats allowed
-    assert len(_keys(full)) > 40 or len(set(_keys(full))) < len(_keys(full))
+    # resampled draws shards with replacement: within the first 40 samples (one epoch's worth) some
+    # sample already came twice, which an epoch (each sample once) never does
+    first_epoch_worth = _keys(full)[:40]
+    assert len(first_epoch_worth) == 40 and len(set(first_epoch_worth)) < 40
+    assert set(_keys(full)) <= {f"{i:09d}" for i in range(40)}
 
 
 def test_resampled_ranks_draw_different_streams(digit_shards):

@@ -1,12 +1,11 @@
 import json
-import time
 
 import pytest
 import torch
 
 from d2m_dist.config import TeacherConfig
 from d2m_dist.distill.pretrain_teacher import (PretrainConfig, count_parameters, digits_training_set,
-                                               evaluate_teacher, load_pretrain_config, pretrain, pretrain_teacher,
+                                               evaluate_teacher, load_pretrain_config, pretrain,
                                                sample_batch, save_teacher)
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import call_flux, load_teacher
@@ -53,10 +52,43 @@ def test_training_is_deterministic_given_the_seed():
     assert all(torch.equal(p, q) for p, q in zip(a.ema.parameters(), b.ema.parameters()))
 
 
+class FlowToDigit(torch.nn.Module):
+    """A test double with the exact rectified-flow velocity towards one real digit image per prompt.
+
+    For ``x_t = (1 - t) z + t e`` the velocity ``e - z`` is ``(x_t - z) / t``; Euler steps on it land
+    exactly on ``z``. ``target(d)`` picks the image the prompt "digit d" is sent to.
+    """
+
+    def __init__(self, target):
+        super().__init__()
+        from d2m_dist.data.text_encoder import encode_captions
+        from d2m_dist.eval.digits_classifier import digits_split
+        from d2m_dist.distill.pretrain_teacher import digit_captions
+        from d2m_dist.models.sampling import pixels_to_latents
+
+        split = digits_split()  # held-out real digits: the classifier never saw them
+        firsts = [int((split.test_labels == d).nonzero()[0]) for d in range(10)]
+        self.latents = pixels_to_latents(split.test_images[firsts])  # [10, 16, 4]
+        self.captions = encode_captions(digit_captions(), 8)[0]  # [10, T, 384]
+        self.target = target
+
+    def forward(self, hidden_states, encoder_hidden_states, timestep, return_dict=False, **_):
+        digit = [int(torch.cdist(e.flatten()[None], self.captions.flatten(1)).argmin()) for e in encoder_hidden_states]
+        z = self.latents[[self.target(d) for d in digit]]
+        return ((hidden_states - z) / timestep[:, None, None],)
+
+
+def test_evaluate_reads_what_the_model_draws():
+    # a model that draws each prompted digit: every sample reads right; one that always draws a zero: 1 in 10
+    assert evaluate_teacher(FlowToDigit(lambda d: d), n_per_digit=2, steps=3) == 1.0
+    assert evaluate_teacher(FlowToDigit(lambda d: 0), n_per_digit=2, steps=3) == pytest.approx(0.1)
+
+
 def test_evaluate_runs_on_any_model(quick_run):
     _, result = quick_run
-    acc = evaluate_teacher(result.ema, n_per_digit=2, guidance_scale=2.0, steps=2)
-    assert 0.0 <= acc <= 1.0
+    # the same seed, the same samples, the same score (its meaning: test_evaluate_reads_what_the_model_draws)
+    assert evaluate_teacher(result.ema, n_per_digit=2, guidance_scale=2.0, steps=2) == \
+        evaluate_teacher(result.ema, n_per_digit=2, guidance_scale=2.0, steps=2)
     assert result.model.training  # evaluation leaves the mode as it found it
     evaluate_teacher(result.model, n_per_digit=1, steps=1)
     assert result.model.training
@@ -69,16 +101,5 @@ def test_config_is_checked():
         PretrainConfig(caption_dropout=1.0).check()
 
 
-@pytest.mark.slow
-def test_default_teacher_reads_as_digits(tmp_path):
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    cfg = PretrainConfig(progress=False)
-    start = time.perf_counter()
-    result, accuracy = pretrain_teacher(cfg, tmp_path / "teacher", eval_per_digit=20, eval_scales=(1.0, 2.0))
-    print(f"params={count_parameters(result.ema)} train_s={result.seconds:.1f} "
-          f"total_s={time.perf_counter() - start:.1f} accuracy={accuracy}")
-    assert accuracy["cfg1"] >= 0.9
-    assert accuracy["cfg2"] >= 0.95
-    card = json.loads((tmp_path / "teacher" / "d2m_teacher.json").read_text())
-    assert card["digit_accuracy"] == accuracy
-    assert evaluate_teacher(load_teacher(TeacherConfig(path=str(tmp_path / "teacher"))), 20) == accuracy["cfg1"]
+# The default teacher's accuracy (cfg1 >= 0.9, cfg2 >= 0.95, card == evaluation after reload) is checked on
+# the teacher the demo trains: tests/test_demo.py (one training of the 1000-step teacher instead of two).

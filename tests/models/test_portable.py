@@ -73,3 +73,20 @@ def test_sharded_weights_round_trip(tmp_path):
     sd2 = read_state_dict(sharded)
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     load_student(sharded)
+
+
+def test_load_student_in_bf16_keeps_every_router_fp32(tmp_path):
+    """Routers decide from small logit differences (MoE and MoB alike): they stay fp32 in a bf16 student."""
+    _, out = convert(tmp_path, mob=MoBConfig(enabled=True, single=MoBGroupConfig(m=2, kappa=1)))
+    fp32 = load_student(out)
+    student = load_student(out, dtype=torch.bfloat16)
+    assert all(layer.router.weight.dtype == torch.float32 for _, layer in moe_layers(student))
+    assert all(p.dtype == torch.float32 for _, g in mob_groups(student) for p in g.router.parameters())
+    assert next(student.transformer_blocks[0].attn.parameters()).dtype == torch.bfloat16
+    # the same as casting the fp32 student by hand and putting every router back in fp32
+    ref = fp32.to(torch.bfloat16)
+    for _, m in moe_layers(ref) + mob_groups(ref):
+        m.router.float()
+    x = tiny_inputs().to(dtype=torch.bfloat16)
+    with torch.no_grad():  # (a bf16 MoB router fed fp32 pooled features failed here before)
+        assert torch.equal(call_flux(student, x), call_flux(ref, x))
