@@ -2,6 +2,10 @@
 
 Every user error (bad config, missing file, invalid spec...) ends as one line
 ``d2m: error: ...`` on stderr and exit status 2, before work starts.
+
+Each verb imports its library module when it runs, not when this module loads:
+``d2m --help`` and argument errors stay instant instead of paying for torch,
+DeepSpeed and diffusers (several seconds). Those imports carry ``# lazy:``.
 """
 
 from __future__ import annotations
@@ -11,9 +15,16 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-from d2m_dist.config import ConfigError, ConvertConfig, load_config
+from d2m_dist.config import (
+    ConfigError,
+    ConvertConfig,
+    StageConfig,
+    TeacherConfig,
+    load_config,
+)
 from d2m_dist.data.errors import DataError
 
 
@@ -25,23 +36,19 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def _init_distributed_if_launched() -> None:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
+def _join_process_group_if_launched(device: str) -> None:
+    """Join the process group when started by torchrun with several processes (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from d2m_dist.parallel.dist import init_distributed  # lazy: DeepSpeed's import
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        init_distributed(device)
 
 
 def cmd_convert(args) -> int:
-    from d2m_dist.convert.pipeline import run_convert
+    from d2m_dist.convert.pipeline import run_convert  # lazy: torch, diffusers
 
     cfg = load_config(ConvertConfig, args.config, args.overrides)
-    _init_distributed_if_launched()
+    _join_process_group_if_launched(str(cfg.device))
     out = run_convert(cfg)
     if out is not None:
         print(f"student written to {out}")
@@ -49,8 +56,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from d2m_dist.config import StageConfig
-    from d2m_dist.distill.trainer import run_stage
+    from d2m_dist.distill.trainer import run_stage  # lazy: torch, DeepSpeed, diffusers
 
     cfg = load_config(StageConfig, args.config, args.overrides)
     return run_stage(cfg)
@@ -58,15 +64,10 @@ def cmd_train(args) -> int:
 
 def cmd_teacher(args) -> int:
     """Pretrain the digits preset's dense teacher and save it in diffusers format."""
-    from pathlib import Path
-
-    from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
+    from d2m_dist.digits.card import PretrainConfig  # lazy: the preset's imports
+    from d2m_dist.digits.teacher import pretrain_teacher  # lazy: torch, diffusers
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
-    try:
-        cfg.check()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise ConfigError(f"teacher output {args.out} already exists and is not empty")
     _, accuracy = pretrain_teacher(cfg, args.out, eval_per_digit=args.eval_per_digit, eval_scales=(1.0, 2.0))
@@ -76,13 +77,14 @@ def cmd_teacher(args) -> int:
 
 def cmd_sample(args) -> int:
     """Teacher vs student on the digits preset: sample grid PNG and digit accuracy JSON."""
-    from pathlib import Path
-
-    from d2m_dist.config import TeacherConfig
-    from d2m_dist.convert.digits_calibration import teacher_card
-    from d2m_dist.eval.digits_eval import EvalConfig, compare_with_teacher, save_grid
-    from d2m_dist.models.flux import load_teacher
-    from d2m_dist.models.portable import load_student
+    from d2m_dist.digits.card import teacher_card  # lazy: the preset's imports
+    from d2m_dist.digits.evaluate import (  # lazy: torch
+        EvalConfig,
+        compare_with_teacher,
+        save_grid,
+    )
+    from d2m_dist.models.flux import load_teacher  # lazy: diffusers
+    from d2m_dist.models.portable import load_student  # lazy: torch
 
     cfg = load_config(EvalConfig, None, args.overrides)
     teacher = load_teacher(TeacherConfig(path=args.teacher))
@@ -98,22 +100,13 @@ def cmd_sample(args) -> int:
 
 def cmd_params(args) -> int:
     """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
-    from d2m_dist.models.accounting import count, dense_ffn_params, moe_param_report
-    from d2m_dist.models.flux import load_teacher
-    from d2m_dist.models.mob import apply_mob
-    from d2m_dist.models.spec import select_sites
-    from d2m_dist.models.surgery import convert_to_moe
+    from d2m_dist.models.accounting import parameter_report  # lazy: diffusers
 
     overrides = list(args.overrides)
     if not any(o.startswith("output=") for o in overrides):
         overrides.append("output=dry-run")
     cfg = load_config(ConvertConfig, args.config, overrides)
-    teacher = load_teacher(cfg.teacher, meta=True)
-    dense_total, dense_ffn = count(teacher), dense_ffn_params(teacher)
-    c = teacher.config
-    specs = select_sites(cfg.moe, c.num_layers, c.num_single_layers)
-    student = apply_mob(convert_to_moe(teacher, specs, cfg.moe), cfg.mob)
-    rep = moe_param_report(student)
+    dense_total, dense_ffn, rep = parameter_report(cfg.teacher, cfg.moe, cfg.mob)
     if args.json:
         print(json.dumps({"dense_total": dense_total, "dense_ffn": dense_ffn, **rep.as_dict()}, indent=2))
     else:
@@ -125,28 +118,26 @@ def cmd_params(args) -> int:
 
 
 def cmd_shards_make(args) -> int:
-    from d2m_dist.data.errors import DataError
-    from d2m_dist.data.shards import ShardWriterConfig, make_shards
+    from d2m_dist.data.shards import (  # lazy: webdataset, PIL
+        ShardWriterConfig,
+        make_shards,
+    )
 
     cfg = load_config(ShardWriterConfig, args.config, args.overrides)
-    try:
-        manifest = make_shards(args.source, cfg)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from None
+    manifest = make_shards(args.source, cfg)
     print(f"{manifest.total_samples} samples in {len(manifest.shards)} shards: {manifest.url}")
     return 0
 
 
 def cmd_precompute(args) -> int:
-    from d2m_dist.data.errors import DataError
-    from d2m_dist.data.precompute import PrecomputeConfig, precompute
+    from d2m_dist.data.precompute import (  # lazy: torch, diffusers
+        PrecomputeConfig,
+        precompute,
+    )
 
-    try:
-        cfg = load_config(PrecomputeConfig, args.config, args.overrides)
-        _init_distributed_if_launched()
-        result = precompute(cfg)
-    except DataError as exc:
-        raise ConfigError(str(exc)) from None
+    cfg = load_config(PrecomputeConfig, args.config, args.overrides)
+    _join_process_group_if_launched(cfg.device)
+    result = precompute(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         m = result.manifest
         print(f"{m.total_samples} samples in {len(m.shards)} precomputed shards ({len(result.written)} encoded now, "
@@ -155,7 +146,7 @@ def cmd_precompute(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from d2m_dist.bench.runner import run_benchmark
+    from d2m_dist.bench.runner import run_benchmark  # lazy: every benchmark's imports
 
     return run_benchmark(args.name, args.overrides, out=args.out)
 
@@ -198,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                 cmd_precompute)
 
     sp = sub.add_parser("bench", help="benchmarks (docs/BENCHMARKS.md)")
-    sp.add_argument("name", help="mob | partition")
+    sp.add_argument("name", help="mob | partition | data | step")
     sp.add_argument("overrides", nargs="*", help="key=value settings of the benchmark")
     sp.add_argument("--out", help="also append the markdown table to this file")
     sp.set_defaults(func=cmd_bench)
@@ -210,8 +201,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     try:
-        return args.func(args)
-    except (ConfigError, DataError) as exc:
+        # lazy: the embedded digits preset registers its data source, encoder, batches and teacher kind
+        import d2m_dist.digits  # noqa: F401
+
+        try:
+            return args.func(args)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+    except ConfigError as exc:
         print(f"d2m: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

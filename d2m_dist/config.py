@@ -1,19 +1,23 @@
 """Typed configuration: omegaconf structured dataclasses, loading and validation.
 
 Every command reads one of the top-level dataclasses below from a YAML file plus
-``key=value`` overrides. The schema is strict: an unknown key or a value of the
-wrong type is a :class:`ConfigError` with one line naming the key, raised before
-any work starts.
+``key=value`` overrides. The schema is strict: an unknown key, a value of the
+wrong type or outside an option's allowed values (the :class:`Choice` enums) is
+a :class:`ConfigError` with one line naming the key, raised before any work
+starts; each dataclass's ``validate()`` then checks ranges and combinations the
+same way. A YAML file may name a ``base:`` file (relative to itself) whose values
+it overrides, so presets hold only what differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Type, TypeVar
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -21,6 +25,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
+
+
+class Choice(str, Enum):
+    """An option's allowed values. Each member is named and valued by its own spelling, so it
+    compares, hashes, formats and serialises as that string (``Dtype("bf16") == "bf16"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+def choices(name: str, *values: str) -> Any:
+    """A :class:`Choice` enum named ``name`` whose members are ``values``."""
+    return Choice(name, {v: v for v in values})  # type: ignore[call-overload]
+
+
+Dtype = choices("Dtype", "fp32", "bf16", "fp16")
+# where the frozen teacher lives: a full copy on every rank's device, ZeRO-3 shards over the
+# ranks, or ZeRO-3 shards kept in host memory (offload_param) and streamed in per module
+TeacherPlacement = choices("TeacherPlacement", "resident", "sharded", "offload")
+SiteSelection = choices("SiteSelection", "all", "double", "single", "list")
+MoBGate = choices("MoBGate", "straight_through", "score", "one")
+PartitionStrategy = choices("PartitionStrategy", "taylor-contiguous", "taylor-roundrobin", "cluster", "random")
+RouterInit = choices("RouterInit", "mean_w1", "normal")
+Device = choices("Device", "auto", "cpu", "cuda")
+Precision = choices("Precision", "auto", "fp32", "bf16")
+LRDecay = choices("LRDecay", "cosine", "linear", "constant")
+
+
+def _positive(**values: float) -> None:
+    for name, v in values.items():
+        if not v > 0:
+            raise ConfigError(f"{name} must be > 0, got {v}")
+
+
+def _non_negative(**values: float) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ConfigError(f"{name} must be >= 0, got {v}")
 
 
 # ----------------------------------------------------------------------------- model side
@@ -31,10 +76,13 @@ class TeacherConfig:
     # A diffusers pipeline folder, its transformer/ subfolder, or a single-file
     # original checkpoint (flux1-dev.safetensors key layout).
     path: str = MISSING
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: Dtype = Dtype("fp32")
     # Only for single-file checkpoints: a diffusers transformer config (folder or
     # config.json) that gives the architecture. Default: FLUX.1-dev's.
     config: Optional[str] = None
+    # resident | sharded (ZeRO-3 over the ranks) | offload (ZeRO-3, parameters in host memory);
+    # the same for stage-0 calibration and the training stages
+    placement: TeacherPlacement = TeacherPlacement("resident")
 
 
 @dataclass
@@ -48,7 +96,7 @@ class SiteOverride:
 class MoEConfig:
     spec: str = "1S12E2A"
     # all | double | single | list (use double_blocks / single_blocks)
-    sites: str = "all"
+    sites: SiteSelection = SiteSelection("all")
     double_blocks: Optional[List[int]] = None
     single_blocks: Optional[List[int]] = None
     overrides: List[SiteOverride] = field(default_factory=list)
@@ -58,6 +106,11 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     # None: dropless. A float c caps each expert at ceil(c * tokens * k / n) tokens.
     capacity_factor: Optional[float] = None
+
+    def validate(self) -> None:
+        _non_negative(**{"moe.z_loss_coeff": self.z_loss_coeff})
+        if self.capacity_factor is not None:
+            _positive(**{"moe.capacity_factor": self.capacity_factor})
 
 
 @dataclass
@@ -76,7 +129,15 @@ class MoBConfig:
     alpha: float = 0.5  # router input mix: alpha * W_x pooled features + (1 - alpha) * W_y temb
     # straight_through: selected blocks run with gate 1 in value, router score in gradient;
     # score: h + g * (f(h) - h) with g the router score; one: hard gate, router gets no gradient
-    gate: str = "straight_through"
+    gate: MoBGate = MoBGate("straight_through")
+
+    def validate(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"mob.alpha: {self.alpha} not in [0, 1]")
+        for stream in ("double", "single"):
+            g = getattr(self, stream)
+            if g is not None and not 1 <= g.kappa <= g.m:
+                raise ConfigError(f"mob.{stream}: kappa={g.kappa} must lie in 1..m={g.m}")
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -85,8 +146,8 @@ class MoBConfig:
 @dataclass
 class CalibrationConfig:
     # random: Gaussian latents and text embeddings of the teacher's shapes (smoke runs);
-    # digits: the embedded digits set encoded by the offline text encoder;
-    # shards: precomputed shards (d2m precompute) at ``urls``, read in a fixed order.
+    # shards: precomputed shards (d2m precompute) at ``urls``, read in a fixed order;
+    # or a source a preset registers (digits: the embedded digits set, d2m_dist.digits)
     source: str = "random"
     urls: Optional[str] = None
     num_batches: int = 8
@@ -97,13 +158,17 @@ class CalibrationConfig:
     text_tokens: int = 8
     guidance: float = 3.5
 
+    def validate(self) -> None:
+        _positive(**{"calibration.num_batches": self.num_batches, "calibration.batch_size": self.batch_size,
+                     "calibration.image_tokens": self.image_tokens, "calibration.text_tokens": self.text_tokens})
+        if self.source == "shards" and not self.urls:
+            raise ConfigError("calibration.urls must name the precomputed shards when calibration.source=shards")
+
 
 @dataclass
 class PartitionConfig:
-    # taylor-contiguous | taylor-roundrobin | cluster | random
-    strategy: str = "taylor-contiguous"
-    # mean_w1 | zeros | normal
-    router_init: str = "mean_w1"
+    strategy: PartitionStrategy = PartitionStrategy("taylor-contiguous")
+    router_init: RouterInit = RouterInit("mean_w1")
     seed: int = 0
     cluster_iters: int = 20
 
@@ -116,13 +181,12 @@ class ConvertConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     output: str = MISSING
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = Device("auto")
     overwrite: bool = False
-    # Taylor calibration with the teacher as a DeepSpeed ZeRO-3 engine (weights sharded over
-    # ranks, optionally offloaded to CPU) so that FLUX.1-dev fits; the surgery then reads the
-    # teacher from disk on rank 0
-    teacher_zero3: bool = False
-    teacher_offload: bool = False
+
+    def validate(self) -> None:
+        for part in (self.moe, self.mob, self.calibration):
+            part.validate()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -148,10 +212,7 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
     try:
         layers = [base]
         if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file not found: {p}")
-            layers.append(OmegaConf.load(p))
+            layers += _file_layers(Path(path))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -174,19 +235,28 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
     return obj
 
 
+def _file_layers(path: Path, seen: Sequence[Path] = ()) -> List[DictConfig]:
+    """``path``'s values after those of its ``base:`` chain (each base relative to the file naming it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path}: its base: chain comes back to itself")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None) if isinstance(layer, DictConfig) else None
+    if base is None:
+        return [layer]
+    return _file_layers(path.parent / str(base), [*seen, path.resolve()]) + [layer]
+
+
 def to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def to_dict(cfg: Any) -> dict:
+    """Plain containers (options as their strings), e.g. for JSON files and wandb."""
     if dataclasses.is_dataclass(cfg):
-        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+        return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore
     return dict(cfg)
-
-
-def choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
 
 
 # ----------------------------------------------------------------------------- stages 1-3
@@ -194,8 +264,8 @@ def choice(name: str, value: str, allowed: Sequence[str]) -> None:
 
 @dataclass
 class TrainDataConfig:
-    # digits: the embedded set, encoded in-process (captions through the offline text encoder);
-    # shards: precomputed webdataset shards (d2m precompute), streamed by d2m_dist.data.stream
+    # shards: precomputed webdataset shards (d2m precompute), streamed by d2m_dist.data.stream;
+    # or a source a preset registers (digits: the embedded set, encoded in-process)
     source: str = "digits"
     urls: Optional[str] = None
     batch_size: int = 16  # per rank, per micro-step
@@ -212,7 +282,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     warmup_steps: int = 0
-    decay: str = "cosine"  # cosine | linear | constant, after warmup
+    decay: LRDecay = LRDecay("cosine")  # after warmup
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -221,11 +291,8 @@ class OptimConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
-    # ZeRO stage of the student; None: 3 for stage 1 (no routed experts), 2 with experts
+    # ZeRO stage of the student; None: the stage's recipe (3 for stage 1, 2 with experts)
     zero_stage: Optional[int] = None
-    # the frozen teacher: plain (replicated) or a ZeRO-3 inference engine
-    teacher_zero3: bool = False
-    teacher_offload: bool = False  # ZeRO-3 offload_param to CPU
 
 
 @dataclass
@@ -272,7 +339,9 @@ class EMAConfig:
 class StageConfig:
     stage: int = MISSING  # 1 | 2 | 3
     run_dir: str = MISSING  # runs/<name>; this stage writes <run_dir>/stage<N>/
-    init: str = MISSING  # student folder: stage-0 output or the previous stage's export
+    # student folder; None: the previous stage's output in run_dir (<run_dir>/stage0 for stage 1,
+    # <run_dir>/stage<N-1>/export after it)
+    init: Optional[str] = None
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     steps: int = 100
     seed: int = 0
@@ -291,20 +360,29 @@ class StageConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     max_bad_steps: int = 5  # NaN/inf losses in a row before a diagnostic checkpoint and exit
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    device: str = "auto"
+    precision: Precision = Precision("auto")  # auto: bf16 on GPU, fp32 on CPU
+    device: Device = Device("auto")
 
     def validate(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"stage: {self.stage} is not 1, 2 or 3")
-        choice("precision", self.precision, ("auto", "fp32", "bf16"))
-        choice("data.source", self.data.source, ("digits", "shards"))
-        choice("optim.decay", self.optim.decay, ("cosine", "linear", "constant"))
-        if self.steps < 1:
-            raise ConfigError("steps must be >= 1")
+        if self.init is None:
+            self.init = str(Path(self.run_dir) / ("stage0" if self.stage == 1 else f"stage{self.stage - 1}/export"))
+        o = self.optim
+        _positive(steps=self.steps, **{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum,
+                                       "data.batch_size": self.data.batch_size, "parallel.ep_size": self.parallel.ep_size,
+                                       "max_bad_steps": self.max_bad_steps})
+        _non_negative(**{"optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
+                         "optim.grad_clip": o.grad_clip, "optim.min_lr_ratio": o.min_lr_ratio,
+                         "data.num_workers": self.data.num_workers, "ckpt.every": self.ckpt.every,
+                         "log.sample_every": self.log.sample_every, "log.fixed_batches": self.log.fixed_batches})
+        _positive(**{"ckpt.keep": self.ckpt.keep, "log.every": self.log.every, "log.sample_steps": self.log.sample_steps})
+        for name, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {beta}")
         if self.ema.enabled and not 0.0 < self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in (0, 1), got {self.ema.decay}")
-        if self.parallel.ep_size < 1:
-            raise ConfigError("parallel.ep_size must be >= 1")
         if self.data.source == "shards" and not self.data.urls:
             raise ConfigError("data.urls must name the shards when data.source=shards")
+        if self.mob.enabled:
+            self.mob.validate()

@@ -26,12 +26,10 @@ stamp "dense teacher"
 [ -f "$RUN/teacher/model_index.json" ] || $D2M teacher --config configs/digits/teacher.yaml --out "$RUN/teacher"
 stamp "stage 0: Taylor-initialised MoE conversion"
 [ -d "$RUN/stage0" ] || $D2M convert --config configs/digits/stage0.yaml teacher.path="$RUN/teacher" output="$RUN/stage0"
-init="$RUN/stage0"
-for s in 1 2 3; do
+for s in 1 2 3; do  # each stage starts from the previous one's output in run_dir
   stamp "stage $s"
   [ -d "$RUN/stage$s/export" ] || NPROC=2 launchers/local.sh configs/digits/stage$s.yaml \
-    run_dir="$RUN" init="$init" teacher.path="$RUN/teacher" "data.urls=$shards" "$@"
-  init="$RUN/stage$s/export"
+    run_dir="$RUN" teacher.path="$RUN/teacher" "data.urls=$shards" "$@"
 done
 stamp "export and evaluation"
 rm -rf "$RUN/student" && cp -r "$RUN/stage3/export" "$RUN/student"

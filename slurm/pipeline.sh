@@ -5,7 +5,7 @@
 # CONFIG_DIR holds stage0.yaml .. stage3.yaml (e.g. configs/digits). Plain key=value overrides go to
 # stages 1-3 and export; `s0:`, `s1:`, `s2:`, `s3:`, `export:` prefixes send one to that job only and
 # `all:` to every job (stage 0 included, e.g. all:teacher.path=...). With run_dir=R, stage 0 writes
-# R/stage0 and each stage starts from the previous one's export (as launchers/demo.sh does).
+# R/stage0 and each stage starts from the previous one's export (a stage's init follows from run_dir).
 # D2M_SBATCH_ARGS: extra sbatch flags for every job (e.g. "--partition=gpu --gpus-per-node=8 -N 4").
 # Prints one line per job: "<name> <job id>".
 set -euo pipefail
@@ -29,9 +29,6 @@ done
 if [ -n "$run_dir" ]; then
   has() { local k=$1; shift; for x in "$@"; do [[ $x == "$k="* ]] && return 0; done; return 1; }
   has output "${o0[@]+"${o0[@]}"}" || o0+=("output=$run_dir/stage0")
-  has init "${o1[@]+"${o1[@]}"}" || o1+=("init=$run_dir/stage0")
-  has init "${o2[@]+"${o2[@]}"}" || o2+=("init=$run_dir/stage1/export")
-  has init "${o3[@]+"${o3[@]}"}" || o3+=("init=$run_dir/stage2/export")
 fi
 export D2M_REPO=${D2M_REPO:-$(dirname "$here")}
 read -r -a extra <<<"${D2M_SBATCH_ARGS:-}"

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import d2m_dist.digits  # noqa: F401  (registers the embedded preset the tests use, as the CLI does)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
@@ -13,7 +15,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory):
     """A 0.35M-parameter FLUX-architecture teacher trained briefly (200 steps) on the digits, in diffusers format."""
-    from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain, save_teacher
+    from d2m_dist.digits.card import PretrainConfig
+    from d2m_dist.digits.teacher import pretrain, save_teacher
 
     root = tmp_path_factory.mktemp("digits_teacher")
     cfg = PretrainConfig(steps=200, batch_size=32, progress=False)

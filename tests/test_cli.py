@@ -33,7 +33,8 @@ def test_convert_writes_a_student(tmp_path, teacher_dir, capsys):
 
 def test_convert_with_config_file_subprocess(tmp_path, teacher_dir):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"teacher:\n  path: {teacher_dir}\nmoe:\n  spec: 1S4E1A\n  sites: single\ncalibration:\n  num_batches: 1\noutput: {tmp_path / 'o'}\n")
+    cfg.write_text(f"teacher:\n  path: {teacher_dir}\nmoe:\n  spec: 1S4E1A\n  sites: single\n"
+                   f"calibration:\n  num_batches: 1\noutput: {tmp_path / 'o'}\n")
     p = subprocess.run([sys.executable, "-m", "d2m_dist.cli", "convert", "--config", str(cfg)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "o" / "model.safetensors").is_file()
@@ -84,7 +85,7 @@ def test_bad_input_one_line_error_no_output(tmp_path, teacher_dir, capsys, case,
     }[case]
     rc, err = run(capsys, *args, *extra)
     assert rc == 2
-    lines = [l for l in err.splitlines() if l.startswith("d2m: error:")]
+    lines = [line for line in err.splitlines() if line.startswith("d2m: error:")]
     assert len(lines) == 1 and expect in lines[0], err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -35,7 +35,7 @@ def test_digits_pipeline_end_to_end(tmp_path):
     accuracy = card["digit_accuracy"]
     assert accuracy["cfg1"] >= 0.9 and accuracy["cfg2"] >= 0.95, accuracy
     from d2m_dist.config import TeacherConfig
-    from d2m_dist.distill.pretrain_teacher import evaluate_teacher
+    from d2m_dist.digits.evaluate import evaluate_teacher
     from d2m_dist.models.flux import load_teacher
 
     assert evaluate_teacher(load_teacher(TeacherConfig(path=str(run / "teacher"))), 20) == accuracy["cfg1"]

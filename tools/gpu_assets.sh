@@ -15,9 +15,9 @@ cp -r "$RUN/teacher" "$DEST/teacher"
 cp "$RUN"/shards/precomputed/train-00000[01].tar "$DEST/shards/"
 D2M_TEXT_CACHE="$DEST/text_cache" .venv/bin/python - "$DEST/teacher" <<'PY'
 import sys
-from d2m_dist.convert.digits_calibration import teacher_card
-from d2m_dist.data.text_encoder import empty_caption_encoding, encode_captions
-from d2m_dist.distill.pretrain_teacher import digit_captions
+from d2m_dist.digits.card import teacher_card
+from d2m_dist.digits.text_encoder import empty_caption_encoding, encode_captions
+from d2m_dist.digits.data import digit_captions
 
 n = teacher_card(sys.argv[1]).max_tokens
 encode_captions(digit_captions(), n)

@@ -39,7 +39,7 @@ check "stage 1 (ZeRO-3, bf16 autocast, NCCL)" env NPROC=1 launchers/local.sh con
   "${common[@]}" init="$RUN/stage0" steps=60
 check "stage 2 (experts, ZeRO-2, teacher ZeRO-3 offloaded to pinned CPU memory, EMA)" env NPROC=1 \
   launchers/local.sh configs/digits/stage2.yaml "${common[@]}" init="$RUN/stage1/export" steps=100 \
-  parallel.teacher_zero3=true parallel.teacher_offload=true ema.enabled=true ema.decay=0.9
+  teacher.placement=offload ema.enabled=true ema.decay=0.9
 check "stage 3 (MoB routers)" env NPROC=1 launchers/local.sh configs/digits/stage3.yaml "${common[@]}" \
   init="$RUN/stage2/export" steps=40
 for s in 1 2 3; do

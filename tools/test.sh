@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 source launchers/env.sh
+# style and layering first: seconds, and they name the file (tests/architecture runs them too)
+.venv/bin/ruff check d2m_dist tests
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

@@ -9,6 +9,7 @@ import time
 from typing import Callable, Dict
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def machine() -> str:
@@ -34,8 +35,6 @@ def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> 
 
 def flops(fn: Callable[[], object]) -> int:
     """Exact FLOPs of one call, counted by torch's dispatcher (no timing noise)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())

@@ -29,9 +29,15 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import webdataset as wds
 
+import d2m_dist.digits  # noqa: F401  (registers the digits shard source and precompute encoder)
 from d2m_dist.bench.common import Row, fmt
 from d2m_dist.data.precompute import PrecomputeConfig, precompute
-from d2m_dist.data.shards import ShardWriterConfig, brace_pattern, make_shards, shard_name
+from d2m_dist.data.shards import (
+    ShardWriterConfig,
+    brace_pattern,
+    make_shards,
+    shard_name,
+)
 from d2m_dist.data.stream import ShardStream, StreamConfig
 
 # FLUX.1 [dev] at 1024x1024: 16 latent channels at 1/8 resolution, T5-XXL (4096 wide,

@@ -7,8 +7,12 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from d2m_dist.bench import data, mob, partition, step
 from d2m_dist.bench.common import machine, table
-from d2m_dist.config import ConfigError
+from d2m_dist.config import CalibrationConfig, ConfigError
+from d2m_dist.digits.batches import digits_batches
+from d2m_dist.digits.card import PretrainConfig
+from d2m_dist.digits.teacher import pretrain_teacher
 
 
 def _kv(overrides: Sequence[str]) -> Dict[str, str]:
@@ -22,22 +26,14 @@ def _kv(overrides: Sequence[str]) -> Dict[str, str]:
 
 
 def _bench_mob(kv: Dict[str, str]):
-    from d2m_dist.bench import mob
-
     rows = mob.run(m=int(kv.pop("m", 4)), batch=int(kv.pop("batch", 16)), repeats=int(kv.pop("repeats", 7)))
     return rows, ["kappa", "m", "GFLOPs", "FLOPs vs kappa=m", "median ms", "time vs kappa=m"]
 
 
 def _bench_partition(kv: Dict[str, str]):
-    from d2m_dist.bench import partition
-    from d2m_dist.config import CalibrationConfig
-    from d2m_dist.convert.digits_calibration import digits_batches
-
     teacher = kv.pop("teacher", None)
     with tempfile.TemporaryDirectory(prefix="d2m-bench-teacher-") as tmp:
         if teacher is None:  # a fresh digits teacher (about a minute on 2 cores)
-            from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain_teacher
-
             teacher = str(Path(tmp) / "teacher")
             pretrain_teacher(PretrainConfig(), teacher, eval_per_digit=10)
         calib = list(digits_batches(teacher, CalibrationConfig(num_batches=int(kv.pop("calib_batches", 16)),
@@ -48,15 +44,11 @@ def _bench_partition(kv: Dict[str, str]):
 
 
 def _bench_data(kv: Dict[str, str]):
-    from d2m_dist.bench import data
-
     rows = data.run(passes=int(kv.pop("passes", 3)), workers=int(kv.pop("workers", 2)))
     return rows, list(rows[0])
 
 
 def _bench_step(kv: Dict[str, str]):
-    from d2m_dist.bench import step
-
     rows = step.run(teacher=kv.pop("teacher", "meta:flux1-dev"), spec=kv.pop("spec", "1S12E2A"),
                     batch=int(kv.pop("batch", 1)), image_tokens=int(kv.pop("image_tokens", 4096)),
                     text_tokens=int(kv.pop("text_tokens", 512)), repeats=int(kv.pop("repeats", 5)),

@@ -21,6 +21,7 @@ gradient reduction are left out (they do not scale with the batch).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List
 
@@ -128,22 +129,22 @@ def run(teacher: str = "meta:flux1-dev", spec: str = "1S12E2A", batch: int = 1, 
     del model
     row("teacher forward", small_cfg, t_small)
 
-    student = _student(small_cfg, spec, dev)
-
-    def student_step():
-        with bf16_autocast(dev.type, bf16):
-            out = call_flux(student, x)
-        out.float().pow(2).mean().backward()
-        student.zero_grad(set_to_none=True)
-
+    student_step = functools.partial(_forward_backward, _student(small_cfg, spec, dev), x, dev, bf16)
     t_student = median_time(student_step, repeats=repeats, warmup=1)
-    del student
+    del student_step  # and the student it holds
     _empty_cache(dev)
     row(f"student {spec} forward+backward", small_cfg, t_student)
     row("full step, estimated", full_cfg, t_full * (1 + t_student / t_small))
     if dev.type == "cuda":
         rows[-1]["what"] += f" (peak {torch.cuda.max_memory_allocated() / 2**30:.0f} GiB)"
     return rows
+
+
+def _forward_backward(model: nn.Module, x: FluxInputs, dev: torch.device, bf16: bool) -> None:
+    with bf16_autocast(dev.type, bf16):
+        out = call_flux(model, x)
+    out.float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
 
 
 def _empty_cache(dev: torch.device) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from d2m_dist.config import ConfigError
+
 TAG_RE = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
 LAYOUT_FILE = "d2m_layout.json"
@@ -126,8 +128,6 @@ class CheckpointDir:
             saved = json.loads(saved_file.read_text())
             diff = [f"{k} {saved.get(k)} (now {v})" for k, v in sorted(layout.items()) if saved.get(k) != v]
             if diff:
-                from d2m_dist.config import ConfigError
-
                 raise ConfigError(f"checkpoint {self.root / tag} was written with {', '.join(diff)}: resume with "
                                   f"the same layout, or start the stage afresh in another run_dir")
         _, client = engine.load_checkpoint(str(self.root), tag=tag, load_optimizer_states=True,

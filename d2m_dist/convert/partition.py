@@ -23,12 +23,12 @@ from typing import Optional
 
 import torch
 
-from d2m_dist.config import ConfigError
+from d2m_dist.config import ConfigError, PartitionStrategy, RouterInit
 from d2m_dist.models.spec import SiteShape
 from d2m_dist.models.surgery import DenseFFN, SitePartition
 
-STRATEGIES = ("taylor-contiguous", "taylor-roundrobin", "cluster", "random")
-ROUTER_INITS = ("mean_w1", "normal")
+STRATEGIES = tuple(str(s) for s in PartitionStrategy)
+ROUTER_INITS = tuple(str(r) for r in RouterInit)
 
 
 def needs_scores(strategy: str) -> bool:

@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from d2m_dist.config import ConfigError, ConvertConfig, choice, to_dict
-from d2m_dist.convert.partition import ROUTER_INITS, STRATEGIES, init_router, needs_scores, partition_site
+from d2m_dist.config import ConfigError, ConvertConfig, to_dict
+from d2m_dist.convert.calibration import calibration_batches, check_calibration_source
+from d2m_dist.convert.partition import init_router, needs_scores, partition_site
 from d2m_dist.convert.taylor import taylor_scores
+from d2m_dist.distill.teacher import FrozenTeacher
 from d2m_dist.models.flow import FlowBatch
-from d2m_dist.models.flux import latent_image_ids, load_teacher
+from d2m_dist.models.flux import load_teacher
 from d2m_dist.models.mob import apply_mob
 from d2m_dist.models.portable import StudentMeta, full_state_dict, write_student
 from d2m_dist.models.spec import select_sites
@@ -29,46 +31,6 @@ from d2m_dist.models.surgery import SitePartition, convert_to_moe, dense_ffn
 from d2m_dist.parallel.dist import pick_device
 
 log = logging.getLogger("d2m_dist.convert")
-
-BatchSource = Callable[[object], Iterable[FlowBatch]]
-
-
-def validate_convert_config(cfg: ConvertConfig) -> None:
-    choice("partition.strategy", cfg.partition.strategy, STRATEGIES)
-    choice("partition.router_init", cfg.partition.router_init, ROUTER_INITS)
-    choice("calibration.source", cfg.calibration.source, ("random", "digits", "shards"))
-    if cfg.calibration.source == "shards":
-        from d2m_dist.data.errors import DataError
-        from d2m_dist.data.stream import expand_shard_urls
-
-        if not cfg.calibration.urls:
-            raise ConfigError("calibration.urls must name the precomputed shards when calibration.source=shards")
-        try:
-            expand_shard_urls(cfg.calibration.urls)
-        except DataError as exc:
-            raise ConfigError(f"calibration: {exc}") from None
-    choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    if cfg.calibration.num_batches < 1 or cfg.calibration.batch_size < 1:
-        raise ConfigError("calibration: num_batches and batch_size must be >= 1")
-
-
-def random_batches(model_config, cfg) -> Iterator[FlowBatch]:
-    """Gaussian latents and text embeddings of the teacher's shapes (smoke runs, tests)."""
-    c = cfg.calibration
-    side = int(round(c.image_tokens ** 0.5))
-    if side * side != c.image_tokens:
-        raise ConfigError(f"calibration.image_tokens={c.image_tokens} is not a square grid")
-    for i in range(c.num_batches):
-        g = torch.Generator().manual_seed(c.seed * 7919 + i)
-        yield FlowBatch(
-            latents=torch.randn(c.batch_size, c.image_tokens, model_config.in_channels, generator=g),
-            prompt_embeds=torch.randn(c.batch_size, c.text_tokens, model_config.joint_attention_dim, generator=g),
-            pooled=torch.randn(c.batch_size, model_config.pooled_projection_dim, generator=g),
-            img_ids=latent_image_ids(side, side),
-            txt_ids=torch.zeros(c.text_tokens, 3),
-            guidance=torch.full((c.batch_size,), c.guidance) if model_config.guidance_embeds else None,
-            index=i,
-        )
 
 
 def compute_partitions(teacher, specs, cfg: ConvertConfig, scores: Optional[Dict[str, torch.Tensor]]):
@@ -99,7 +61,8 @@ def run_convert(
     ``batches``: calibration batches, the same sequence on every rank (each scores its
     share); default: the source named in ``cfg.calibration``.
     """
-    validate_convert_config(cfg)
+    cfg.validate()
+    check_calibration_source(cfg)
     rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
@@ -119,21 +82,15 @@ def run_convert(
     scores = None
     t0 = time.time()
     if needs_scores(cfg.partition.strategy):
-        scorer_model = load_teacher(cfg.teacher)
-        if cfg.teacher_zero3:
-            from d2m_dist.parallel.deepspeed_setup import zero3_inference_engine
-
-            scorer_model = zero3_inference_engine(
-                scorer_model.to(device), offload=cfg.teacher_offload, bf16=cfg.teacher.dtype == "bf16",
-                micro_batch=cfg.calibration.batch_size, on_gpu=device.type == "cuda")
-        else:
-            scorer_model = scorer_model.to(device)
+        # where the teacher lives (resident, ZeRO-3 sharded or offloaded) is the teacher object's
+        # business; the scores need gradients through it, so the scorer calls it directly
+        teacher = FrozenTeacher(cfg.teacher, device, micro_batch=cfg.calibration.batch_size)
         if batches is None:
-            batches = calibration_batches(scorer_model.module.config if cfg.teacher_zero3 else scorer_model.config, cfg)
-        scorer = taylor_scores(scorer_model, batches, list(specs), seed=cfg.calibration.seed, group=group,
+            batches = calibration_batches(teacher.config, cfg)
+        scorer = taylor_scores(teacher.model, batches, list(specs), seed=cfg.calibration.seed, group=group,
                                progress=progress)
         scores = scorer.scores
-        del scorer_model
+        del teacher
         log.info("taylor scores from %d calibration batches in %.1fs", scorer.batches, time.time() - t0)
     if rank != 0:
         return None
@@ -152,40 +109,3 @@ def run_convert(
     )
     state = {k: v.cpu() for k, v in full_state_dict(student).items()}
     return write_student(out, state, meta, parts, overwrite=cfg.overwrite)
-
-
-def shard_batches(model_config, cfg: ConvertConfig) -> Iterator[FlowBatch]:
-    """The first ``num_batches`` batches of an unshuffled epoch over the precomputed shards.
-
-    Every rank reads the same sequence (one reader, fixed order) and keeps its
-    share by index, so the scores do not depend on the world size.
-    """
-    from d2m_dist.data.stream import fixed_order_stream
-    from d2m_dist.distill.batches import check_batch_shapes, precomputed_flow_batch
-
-    c = cfg.calibration
-    stream = fixed_order_stream(c.urls, c.batch_size, seed=c.seed)
-    guidance = c.guidance if model_config.guidance_embeds else None
-    n = 0
-    for b in stream:
-        if n == c.num_batches:
-            return
-        batch = precomputed_flow_batch(b, guidance)
-        if n == 0:
-            check_batch_shapes(batch, model_config, f"calibration.urls {c.urls}")
-        batch.index = n
-        yield batch
-        n += 1
-    if n < c.num_batches:
-        log.warning("calibration: the shards held %d batches of %d, fewer than num_batches=%d", n, c.batch_size,
-                    c.num_batches)
-
-
-def calibration_batches(model_config, cfg: ConvertConfig) -> Iterable[FlowBatch]:
-    if cfg.calibration.source == "random":
-        return random_batches(model_config, cfg)
-    if cfg.calibration.source == "shards":
-        return shard_batches(model_config, cfg)
-    from d2m_dist.convert.digits_calibration import digits_batches
-
-    return digits_batches(cfg.teacher.path, cfg.calibration)

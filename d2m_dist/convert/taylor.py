@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,14 +44,8 @@ def flow_matching_loss(model: nn.Module, batch: FlowBatch, generator: torch.Gene
 
 
 def _gathered(params: List[nn.Parameter]):
-    try:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params)
-    except ImportError:  # pragma: no cover - deepspeed is a dependency
-        from contextlib import nullcontext
-
-        return nullcontext()
+    """ZeRO-3 partitioned parameters whole for the ``with`` body; a no-op for ordinary tensors."""
+    return deepspeed.zero.GatheredParameters(params)
 
 
 class TaylorScorer:

@@ -9,7 +9,19 @@ inside the stream, so every batch stacks into one tensor.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Sequence, Tuple, TypeVar
+from typing import (
+    Callable,
+    Dict,
+    Hashable,
+    Iterable,
+    Iterator,
+    List,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
+
+from PIL import Image, ImageOps
 
 from d2m_dist.data.errors import DataError
 
@@ -37,8 +49,6 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> int:
 
 def fit_to_bucket(image, bucket: Bucket):
     """Scale a PIL image to cover ``bucket`` (h, w) and centre-crop it to exactly that size."""
-    from PIL import Image, ImageOps
-
     h, w = bucket
     # ImageOps.fit crops to the aspect ratio first, then resizes: less work than
     # resizing the full image, and the same result.

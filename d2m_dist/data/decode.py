@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from d2m_dist.data.buckets import Bucket, check_buckets, fit_to_bucket, nearest_bucket
 from d2m_dist.data.errors import (
@@ -82,8 +83,6 @@ class RawImageFormat(SampleFormat):
         self.image_format = image_format
 
     def prepare(self, sample: Dict[str, Any]) -> Prepared:
-        from PIL import Image
-
         key, url = sample.get("__key__"), sample.get("__url__")
         ext = next((e for e in IMAGE_KEYS if e in sample), None)
         if ext is None:
@@ -109,8 +108,6 @@ class RawImageFormat(SampleFormat):
         return Prepared(key, nearest_bucket(height, width, self.buckets), caption, (height, width), {"image": data})
 
     def collate(self, items, handler):
-        from PIL import Image, ImageOps
-
         bucket = items[0].group
         arrays, kept = [], []
         for it in items:
@@ -240,8 +237,6 @@ def _json_member(sample: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _pil_errors():
-    from PIL import Image, UnidentifiedImageError
-
     # DecompressionBombError is not an OSError; SyntaxError and ValueError come
     # from some plugins on malformed headers.
     return (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)

@@ -3,16 +3,16 @@
 An encoder turns one bucket-batch of the raw stream (uint8 ``[B, H, W, 3]``
 images plus captions) into float32 CPU tensors: latents ``[B, C, h, w]``
 (unpacked; the trainer packs them), per-token embeddings ``[B, T, D]`` and a
-pooled embedding ``[B, D]``. Two kinds exist, chosen by ``encoder:`` in the
-config and extensible with :func:`register_encoder`:
+pooled embedding ``[B, D]``. The kind is chosen by ``encoder:`` in the config;
+``flux`` is built in and presets add theirs with :func:`register_encoder`:
 
 * ``flux``: a local FLUX pipeline folder. VAE latents ``(z - shift) * scale``
   with both factors from the VAE config (what FluxPipeline inverts before
   decoding), T5 token embeddings and the CLIP pooled output, tokenised exactly
   as ``FluxPipeline._get_t5_prompt_embeds`` / ``_get_clip_prompt_embeds`` do.
-* ``digits``: no VAE; the "latent" is the 8x8 image itself, one channel in
-  [-1, 1] (the convention of :mod:`d2m_dist.models.sampling`), and text comes
-  from the offline MiniLM package (:mod:`d2m_dist.data.text_encoder`).
+* ``digits`` (:mod:`d2m_dist.digits.encoder`): no VAE; the "latent" is the 8x8
+  image itself, one channel in [-1, 1], and text comes from the offline MiniLM
+  package.
 
 :class:`EncoderSpec` holds what can be checked without loading any weights
 (folders exist, bucket sides fit the VAE's downsampling), so a bad setting fails
@@ -30,7 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from d2m_dist.data.buckets import check_buckets as check_bucket_list
 from d2m_dist.data.errors import DataError
+from d2m_dist.models.sampling import uint8_to_unit
 
 # compute dtypes of the encoder weights (config spelling as in TeacherConfig.dtype)
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -62,27 +64,6 @@ class EncoderSpec:
         return self.factory(device)
 
 
-# ----------------------------------------------------------------------------- digits
-
-
-class DigitsEncoder(Encoder):
-    """Pixel-space latents ``[B, 1, H, W]`` in [-1, 1] and MiniLM text embeddings."""
-
-    def __init__(self, max_tokens: int):
-        from d2m_dist.data.text_encoder import load_text_encoder
-
-        self.max_tokens = max_tokens
-        load_text_encoder()  # fail here, before the first shard, if the package is broken
-
-    def encode(self, images, captions, generator):
-        from d2m_dist.data.text_encoder import encode_captions
-        from d2m_dist.models.sampling import uint8_to_unit
-
-        latents = uint8_to_unit(luma(images))[:, None]
-        embeds, pooled = encode_captions(captions, self.max_tokens)
-        return latents, embeds, pooled
-
-
 def luma(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> uint8 ``[B, H, W]``, bit-identical to PIL's ``convert("L")``.
 
@@ -94,16 +75,6 @@ def luma(images: torch.Tensor) -> torch.Tensor:
     return y.to(torch.uint8)
 
 
-def _digits_spec(model_path: Optional[str], buckets, max_tokens: Optional[int], compute_dtype: str,
-                 sampling: str) -> EncoderSpec:
-    if model_path:
-        raise DataError(f"encoder 'digits' works in pixel space and takes no model_path (got {model_path!r})")
-    resolved = _check_buckets(buckets if buckets is not None else [[8, 8]], multiple=2, why="2x2 latent packing")
-    tokens = 8 if max_tokens is None else max_tokens  # "[CLS] a handwritten digit seven [SEP]" is 7 tokens
-    settings = {"encoder": "digits", "max_tokens": tokens, "buckets": [list(b) for b in resolved]}
-    return EncoderSpec("digits", resolved, tokens, settings, lambda device: DigitsEncoder(tokens))
-
-
 # ----------------------------------------------------------------------------- flux
 
 
@@ -111,6 +82,7 @@ class FluxEncoder(Encoder):
     """FLUX's frozen VAE, T5 and CLIP from a local diffusers pipeline folder."""
 
     def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, max_tokens: int, sampling: str):
+        # lazy: transformers' text models load in seconds; precompute with another encoder never needs them
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -126,8 +98,6 @@ class FluxEncoder(Encoder):
 
     @torch.inference_mode()
     def encode(self, images, captions, generator):
-        from d2m_dist.models.sampling import uint8_to_unit
-
         # uint8 crosses to the device (a quarter of the float bytes), then scales to [-1, 1]
         x = uint8_to_unit(images.to(self.device).permute(0, 3, 1, 2)).to(self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
@@ -168,7 +138,7 @@ def _flux_spec(model_path: Optional[str], buckets, max_tokens: Optional[int], co
     # the VAE halves the image per level after the first, and FLUX then packs 2x2
     # latents into a token: image sides must be multiples of twice the VAE factor
     multiple = 2 * 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    resolved = _check_buckets(buckets if buckets is not None else [[1024, 1024]], multiple,
+    resolved = check_buckets(buckets if buckets is not None else [[1024, 1024]], multiple,
                               "the VAE's downsampling times 2x2 latent packing")
     tokens = 512 if max_tokens is None else max_tokens  # FluxPipeline's max_sequence_length
     settings = {"encoder": "flux", "model_path": os.path.abspath(root), "max_tokens": tokens,
@@ -184,10 +154,8 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise DataError(f"{path} is missing or unreadable: {exn}") from None
 
 
-def _check_buckets(buckets, multiple: int, why: str) -> List[Tuple[int, int]]:
-    from d2m_dist.data.buckets import check_buckets
-
-    resolved = check_buckets(buckets)
+def check_buckets(buckets, multiple: int, why: str) -> List[Tuple[int, int]]:
+    resolved = check_bucket_list(buckets)
     bad = [list(b) for b in resolved if b[0] % multiple or b[1] % multiple]
     if bad:
         raise DataError(f"bucket sides must be multiples of {multiple} ({why}); not so: {bad}")
@@ -197,7 +165,7 @@ def _check_buckets(buckets, multiple: int, why: str) -> List[Tuple[int, int]]:
 # ----------------------------------------------------------------------------- registry
 
 SpecFactory = Callable[[Optional[str], Any, Optional[int], str, str], EncoderSpec]
-_ENCODERS: Dict[str, SpecFactory] = {"digits": _digits_spec, "flux": _flux_spec}
+_ENCODERS: Dict[str, SpecFactory] = {"flux": _flux_spec}  # presets register theirs (digits: d2m_dist.digits)
 
 
 def register_encoder(kind: str, factory: SpecFactory) -> None:

@@ -19,6 +19,8 @@ import tarfile
 from collections import Counter
 from typing import Dict, Iterable, Mapping, Optional
 
+import torch.distributed as dist
+
 log = logging.getLogger("d2m_dist.data")
 
 # Reasons a sample or shard is skipped. Stable strings: they are keys of the
@@ -106,8 +108,6 @@ class SkipCounter:
 
 def gather_skip_counts(counter: SkipCounter, group=None) -> SkipCounter:
     """The counts summed over all ranks (a no-op without an initialised process group)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return SkipCounter(counter.counts)
     gathered = [None] * dist.get_world_size(group)

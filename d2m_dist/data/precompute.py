@@ -43,9 +43,11 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from omegaconf import MISSING
 
+from d2m_dist.config import ConfigError, Device, Dtype, choices
 from d2m_dist.data.encoders import Encoder, EncoderSpec, encoder_spec
 from d2m_dist.data.errors import DataError, SkipCounter, log
 from d2m_dist.data.shards import (
@@ -57,10 +59,17 @@ from d2m_dist.data.shards import (
     read_manifest,
     shard_name,
 )
-from d2m_dist.data.stream import ShardStream, StreamConfig, derive_seed, expand_shard_urls
+from d2m_dist.data.stream import (
+    ShardStream,
+    StreamConfig,
+    derive_seed,
+    expand_shard_urls,
+)
 
 DONE_SUFFIX = ".done.json"
 STORAGE_DTYPES = ("float32", "float16")  # what .npy holds; numpy has no bfloat16
+StorageDtype = choices("StorageDtype", *STORAGE_DTYPES)
+LatentSampling = choices("LatentSampling", "mode", "sample")
 _LATENT_NOISE = 4  # seed tag, apart from the stream's tags
 
 
@@ -72,24 +81,20 @@ class PrecomputeConfig:
     encoder: str = "digits"  # digits | flux (d2m_dist.data.encoders)
     model_path: Optional[str] = None  # flux: local pipeline folder with vae/, text_encoder(_2)/, tokenizer(_2)/
     batch_size: int = 16  # images per encoder call (per bucket)
-    dtype: str = "float32"  # stored arrays: float32 | float16
-    compute_dtype: str = "fp32"  # encoder weights: fp32 | bf16 | fp16
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda (the rank's current device)
+    dtype: StorageDtype = StorageDtype("float32")  # stored arrays
+    compute_dtype: Dtype = Dtype("fp32")  # encoder weights
+    device: Device = Device("auto")  # auto: cuda when available; cuda: the rank's current device
     max_tokens: Optional[int] = None  # text length; None: 8 for digits, 512 (T5) for flux
     buckets: Optional[List[List[int]]] = None  # [[h, w], ...]; None: [[8, 8]] digits, [[1024, 1024]] flux
-    latent_sampling: str = "mode"  # mode: the VAE posterior mean (deterministic) | sample: a seeded draw
+    latent_sampling: LatentSampling = LatentSampling("mode")  # mode: the VAE posterior mean | sample: a seeded draw
     seed: int = 0  # latent_sampling=sample: noise of shard i is seeded with (seed, i)
     overwrite: bool = False  # redo every shard, even finished ones made with other settings
 
     def validate(self) -> None:
         if self.batch_size < 1:
-            raise DataError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise DataError(f"dtype {self.dtype!r} is not one of {list(STORAGE_DTYPES)}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise DataError(f"device {self.device!r} is not auto, cpu or cuda")
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", self.prefix):
-            raise DataError(f"prefix {self.prefix!r} must be letters, digits, '_' or '-' (no dots: webdataset keys)")
+            raise ConfigError(f"prefix {self.prefix!r} must be letters, digits, '_' or '-' (no dots: webdataset keys)")
 
 
 @dataclass
@@ -298,23 +303,17 @@ def _canonical(url: str) -> str:
 
 
 def _rank_world():
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def _all_gather(obj) -> list:
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
     gathered = [None] * dist.get_world_size()

@@ -1,4 +1,4 @@
-"""Writing webdataset tar shards from image folders, tables and the digits set.
+"""Writing webdataset tar shards from image folders, tables and registered sources (the digits set).
 
 Every source is first *scanned* into a list of :class:`SourceRecord` without
 touching the output: a missing folder, an unreadable table or an empty input is a
@@ -29,15 +29,17 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import webdataset as wds
+from PIL import Image, UnidentifiedImageError
 
+from d2m_dist.config import ConfigError
 from d2m_dist.data.errors import (
+    EMPTY_IMAGE,
     MISSING_CAPTION,
     MISSING_FILE,
     NOT_AN_IMAGE,
-    EMPTY_IMAGE,
     DataError,
     SkipCounter,
     log,
@@ -62,6 +64,10 @@ class ShardWriterConfig:
     validate_images: bool = True
     # Write at most this many samples (None: all); handy for smoke tests.
     limit: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.max_samples < 1 or self.max_bytes < 1:
+            raise ConfigError(f"max_samples ({self.max_samples}) and max_bytes ({self.max_bytes}) must be positive")
 
 
 @dataclass
@@ -168,22 +174,13 @@ def scan_table(table: str | os.PathLike, skips: Optional[SkipCounter] = None) ->
     return records
 
 
-def scan_digits(limit: Optional[int] = None) -> List[SourceRecord]:
-    """The embedded 8x8 digits as PNG bytes; the json member also holds the label."""
-    from PIL import Image
+# Named record sources besides folders and tables (``d2m shards make NAME``): a preset registers
+# its own (the digits preset: ``digits``). A source takes the sample limit and returns its records.
+SHARD_SOURCES: Dict[str, Callable[[Optional[int]], List[SourceRecord]]] = {}
 
-    from d2m_dist.data.digits import digit_caption, load_digits_arrays
 
-    images, labels = load_digits_arrays()
-    n = len(images) if limit is None else min(limit, len(images))
-    records = []
-    for i in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(images[i], mode="L").save(buf, format="PNG")
-        label = int(labels[i])
-        meta = {"label": label, "source": f"digits/{i}"}
-        records.append(SourceRecord(digit_caption(label), data=buf.getvalue(), ext="png", meta=meta))
-    return records
+def register_shard_source(name: str, records: Callable[[Optional[int]], List[SourceRecord]]) -> None:
+    SHARD_SOURCES[name] = records
 
 
 # ----------------------------------------------------------------------------- writing
@@ -193,8 +190,7 @@ def write_shards(
     records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips: Optional[SkipCounter] = None
 ) -> ShardManifest:
     """Write ``records`` as shards under ``cfg.out_dir``; returns (and saves) the manifest."""
-    if cfg.max_samples < 1 or cfg.max_bytes < 1:
-        raise DataError(f"max_samples ({cfg.max_samples}) and max_bytes ({cfg.max_bytes}) must be positive")
+    cfg.validate()
     skips = skips if skips is not None else SkipCounter()
     out = Path(cfg.out_dir)
     stale = sorted(out.glob(f"{cfg.prefix}-*.tar")) if out.is_dir() else []
@@ -243,10 +239,10 @@ def write_shards(
 
 
 def make_shards(source: str, cfg: ShardWriterConfig) -> ShardManifest:
-    """Dispatch on ``source``: ``"digits"``, an image folder, or a .csv/.jsonl/.parquet table."""
+    """Dispatch on ``source``: a registered source name (``digits``), an image folder, or a .csv/.jsonl/.parquet table."""
     skips = SkipCounter()
-    if source == "digits":
-        records = scan_digits(cfg.limit)
+    if source in SHARD_SOURCES:
+        records = SHARD_SOURCES[source](cfg.limit)
     elif Path(source).suffix.lower() in (".csv", ".jsonl", ".parquet") and not Path(source).is_dir():
         records = scan_table(source, skips)
     else:
@@ -378,8 +374,6 @@ def _limit(records: Iterable[SourceRecord], limit: Optional[int]) -> Iterator[So
 
 
 def _image_size(data: bytes):
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
@@ -420,7 +414,7 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
             return rows
         if suffix == ".parquet":
             try:
-                import pyarrow.parquet as pq
+                import pyarrow.parquet as pq  # lazy: only parquet tables need it, and its import is slow
             except ImportError:
                 raise DataError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from None
             return pq.read_table(path).to_pylist()

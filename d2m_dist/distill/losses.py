@@ -51,7 +51,7 @@ def block_feature_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torc
     n = len(keys)
     out_abs, layer_abs, norms = stats[0].abs(), stats[1 : 1 + n].abs(), stats[1 + n :].sqrt()
     weights = (out_abs / (layer_abs + eps)) * norms.sum() / (n * norms + eps)
-    return sum(w.to(l.dtype) * l for w, l in zip(weights, per_layer))
+    return sum(w.to(term.dtype) * term for w, term in zip(weights, per_layer))
 
 
 def group_feature_loss(student: Dict[str, torch.Tensor], teacher: Dict[str, torch.Tensor],

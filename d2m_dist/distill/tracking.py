@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-
 log = logging.getLogger("d2m_dist.tracking")
 
 
@@ -37,7 +36,7 @@ class Tracker:
             return
         os.environ.setdefault("WANDB_MODE", "offline")
         os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
+        import wandb  # lazy: after the environment above, and never when tracking is off (a slow import)
 
         self.run = wandb.init(project=project, name=name, id=self.run_id, resume="allow", config=config,
                               dir=str(stage_dir), reinit="finish_previous")
@@ -59,7 +58,7 @@ class Tracker:
 
     def log_image(self, key: str, path: Path, step: int) -> None:
         def fn():
-            import wandb
+            import wandb  # lazy: as in __init__ (loaded by then whenever a run exists)
 
             self.run.log({key: wandb.Image(str(path))}, step=step)
 

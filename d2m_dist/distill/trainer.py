@@ -24,21 +24,39 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from d2m_dist.ckpt.checkpoint import CheckpointDir, rng_state, set_rng_state
 from d2m_dist.config import ConfigError, StageConfig, to_dict
+from d2m_dist.data.errors import DataError
+from d2m_dist.data.stream import expand_shard_urls
 from d2m_dist.distill import losses as L
-from d2m_dist.distill.batches import DigitsBatches, ShardBatches
+from d2m_dist.distill.batches import BATCH_SOURCES, make_batches
 from d2m_dist.distill.ema import StudentEMA
 from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
-from d2m_dist.distill.stages import StageRecipe, apply_recipe_to_student, routers_train, stage_recipe
-from d2m_dist.distill.taps import tapped
+from d2m_dist.distill.stages import (
+    StageRecipe,
+    apply_recipe_to_student,
+    routers_train,
+    stage_recipe,
+)
+from d2m_dist.distill.taps import tap_points, tapped
+from d2m_dist.distill.teacher import FrozenTeacher
+from d2m_dist.distill.teacher_kinds import GridRequest, default_guidance, teacher_kind
 from d2m_dist.distill.tracking import Tracker
-from d2m_dist.models.flux import call_flux, load_flux_config, load_teacher, parse_dtype
-from d2m_dist.models.mob import apply_mob, mob_groups
+from d2m_dist.eval import flux_samples as fs
+from d2m_dist.models.flux import call_flux, load_flux_config, parse_dtype
+from d2m_dist.models.mob import MoBGroup, apply_mob, mob_groups
 from d2m_dist.models.moe import clear_routing_stats, moe_layers
-from d2m_dist.models.portable import StudentMeta, load_student, read_provenance, to_storage_dtype, write_student
+from d2m_dist.models.portable import (
+    StudentMeta,
+    load_student,
+    read_provenance,
+    to_storage_dtype,
+    write_student,
+)
 from d2m_dist.models.precision import bf16_autocast
+from d2m_dist.models.sampling import SamplerConfig
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.parallel import deepspeed_setup as dss
 from d2m_dist.parallel.comm_timing import COMM_CLOCK
@@ -75,10 +93,9 @@ def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe
         n = MoESpec.parse(text).num_experts
         if n % ep:
             raise ConfigError(f"parallel.ep_size={ep} does not divide the {n} experts of site {site}")
+    if cfg.data.source not in BATCH_SOURCES:
+        raise ConfigError(f"data.source: '{cfg.data.source}' is not one of {', '.join(sorted(BATCH_SOURCES))}")
     if cfg.data.source == "shards":
-        from d2m_dist.data.errors import DataError
-        from d2m_dist.data.stream import expand_shard_urls
-
         try:
             expand_shard_urls(cfg.data.urls)
         except DataError as exc:
@@ -119,11 +136,10 @@ class StageTrainer:
         self.engine = dss.student_engine(student.to(self.device), cfg, self.info, self.recipe.zero_stage)
         self.student = self.engine.module
         self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
-        self.teacher = self._build_teacher()
-        # a bf16 teacher takes bf16 inputs: DeepSpeed switches autocast off inside an engine
-        # that uses its own bf16 mode (the ZeRO-3 teacher), so autocast cannot cast them there
-        self._teacher_dtype = next(self._teacher_module().parameters()).dtype
-        self.batches = make_batches(cfg, self.info, self._teacher_module().config)
+        self.teacher = FrozenTeacher(cfg.teacher, self.device, autocast_bf16=dss.use_bf16(cfg, self.info),
+                                     micro_batch=cfg.data.batch_size)
+        guidance = cfg.data.guidance if cfg.data.guidance is not None else default_guidance(cfg.teacher.path)
+        self.batches = make_batches(cfg, self.info, self.teacher.config, guidance)
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
         # step attempts so far, applied or skipped: it picks the batches and the noise, so a
@@ -146,12 +162,6 @@ class StageTrainer:
                  cfg.stage, f"{n_train:,}", "+".join(self.trainable), self.info.world, cfg.parallel.ep_size, self.step)
 
     # -- setup pieces ----------------------------------------------------------------
-
-    def _build_teacher(self):
-        teacher = load_teacher(self.cfg.teacher)
-        if self.cfg.parallel.teacher_zero3:
-            return dss.teacher_engine(teacher, self.cfg, self.info)
-        return teacher.to(self.device)
 
     def _resume(self) -> None:
         client = self.ckpt.load(self.engine, layout=self._layout())
@@ -212,8 +222,7 @@ class StageTrainer:
         """
         w = self.recipe.losses
         t0, c0 = time.perf_counter(), COMM_CLOCK.seconds()
-        with torch.no_grad(), tapped(self._teacher_module(), detach=True) as t_feats, self._autocast():
-            t_out = call_flux(self.teacher, inputs.to(dtype=self._teacher_dtype))
+        t_out, t_feats = self.teacher.velocity_and_features(inputs)
         self._t_teacher += time.perf_counter() - t0
         self._c_teacher += COMM_CLOCK.seconds() - c0
         clear_routing_stats(self.student)
@@ -253,9 +262,6 @@ class StageTrainer:
             inputs, target = self.batches.fixed(i)
             total += _mean_over_ranks({"total": self._losses(inputs.to(self.device), target)["total"]})["total"]
         return total / n
-
-    def _teacher_module(self):
-        return getattr(self.teacher, "module", self.teacher)
 
     def train_step(self, measure_comm: bool = False) -> Optional[Dict[str, float]]:
         """One optimizer step (grad_accum micro-steps); None when it was skipped (non-finite gradients).
@@ -312,7 +318,8 @@ class StageTrainer:
         return values
 
     def _autocast(self):
-        """The teacher's autocast; the student's comes from its engine (DeepSpeed ``torch_autocast``)."""
+        """bf16 autocast for sampling (in training the student's comes from its engine, DeepSpeed
+        ``torch_autocast``, and the teacher's from :class:`FrozenTeacher`)."""
         return bf16_autocast(self.device.type, dss.use_bf16(self.cfg, self.info))
 
     # -- the loop --------------------------------------------------------------------
@@ -322,8 +329,6 @@ class StageTrainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = None
         if self.info.is_main and cfg.log.progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         samples_per_step = cfg.data.batch_size * self.info.world * cfg.optim.grad_accum
         try:
@@ -376,37 +381,26 @@ class StageTrainer:
         """Teacher vs student samples from the same noise: a PNG under the stage folder and in wandb.
 
         Collective: every rank samples (expert-parallel layers exchange tokens), rank 0 writes.
-        The digits preset samples each digit's caption; presets on VAE latents sample the
-        first prompts of the training shards and decode with the teacher pipeline's VAE.
+        A teacher of a registered kind (the digits preset) draws its own grid and scores it;
+        presets on VAE latents sample the first prompts of the training shards and decode with
+        the teacher pipeline's VAE.
         """
-        from d2m_dist.convert.digits_calibration import is_digits_teacher
-
-        if is_digits_teacher(self.cfg.teacher.path):
-            return self._digits_grid()
-        return self._latent_grid()
-
-    def _digits_grid(self) -> Optional[Path]:
-        from d2m_dist.convert.digits_calibration import teacher_card
-        from d2m_dist.eval.digits_eval import EvalConfig, evaluate, save_grid
-
-        n = max(1, self.cfg.log.sample_count // 10)
-        ecfg = EvalConfig(n_per_digit=n, steps=self.cfg.log.sample_steps, seed=0)
+        kind = teacher_kind(self.cfg.teacher.path)
+        if kind is None:
+            return self._latent_grid()
+        out = self.stage_dir / "samples" / f"step_{self.step:06d}.png"
         was_training = self.student.training
-        with self._autocast():
-            acc, images = evaluate([("teacher", self._teacher_module()), ("student", self.student)],
-                                   teacher_card(self.cfg.teacher.path), ecfg)
+        metrics = kind.sample_grid(GridRequest(self.cfg.teacher.path, self.teacher.module, self.student,
+                                               self.cfg.log.sample_count, self.cfg.log.sample_steps, out,
+                                               self.info.is_main, self._autocast))
         self.student.train(was_training)
         if not self.info.is_main:
             return None
-        path = save_grid(images, n, self.stage_dir / "samples" / f"step_{self.step:06d}.png")
-        self.tracker.log_image("samples", path, self.step)
-        self.tracker.log({f"digit_accuracy/{k}": v for k, v in acc.items()}, self.step)
-        return path
+        self.tracker.log_image("samples", out, self.step)
+        self.tracker.log(metrics, self.step)
+        return out
 
     def _latent_grid(self) -> Optional[Path]:
-        from d2m_dist.eval import flux_samples as fs
-        from d2m_dist.models.sampling import SamplerConfig
-
         if self.cfg.data.source != "shards":
             return None
         if self._grid is None:
@@ -425,10 +419,10 @@ class StageTrainer:
         if self._grid is False:
             return None
         prompts, vae = self._grid
-        embedded = self.batches.guidance if self._teacher_module().config.guidance_embeds else None
+        embedded = self.batches.guidance if self.teacher.config.guidance_embeds else None
         sampler = SamplerConfig(steps=self.cfg.log.sample_steps, shift=True, embedded_guidance=embedded, seed=0)
         with self._autocast():
-            latents = fs.sample_models([self._teacher_module(), self.student], prompts, sampler)
+            latents = fs.sample_models([self.teacher.module, self.student], prompts, sampler)
         if not self.info.is_main:
             return None
         rows = [fs.decode(vae, x, prompts.latent_shape) for x in latents]
@@ -470,19 +464,6 @@ class StageTrainer:
         }
 
 
-def make_batches(cfg: StageConfig, info: DistInfo, model_config=None):
-    if cfg.data.source == "digits":
-        return DigitsBatches(cfg.teacher.path, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
-                             cfg.optim.grad_accum)
-    from d2m_dist.convert.digits_calibration import is_digits_teacher, teacher_card
-
-    guidance = cfg.data.guidance
-    if guidance is None:
-        guidance = teacher_card(cfg.teacher.path).embedded_guidance if is_digits_teacher(cfg.teacher.path) else 3.5
-    return ShardBatches(cfg.data.urls, cfg.data.batch_size, info.rank, info.world, cfg.data.seed,
-                        cfg.data.num_workers, guidance, model_config=model_config)
-
-
 def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:
     """Loss values averaged over data-parallel ranks: the global batch's losses."""
     keys = sorted(out)
@@ -518,9 +499,6 @@ def export_student(trainer: "StageTrainer") -> Optional[Path]:
 
 
 def _group_keys(model):
-    from d2m_dist.distill.taps import tap_points
-    from d2m_dist.models.mob import MoBGroup
-
     return [(k, m) for k, m in tap_points(model) if isinstance(m, MoBGroup)]
 
 

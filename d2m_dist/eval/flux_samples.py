@@ -16,8 +16,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from PIL import Image
 
+from d2m_dist.config import ConfigError
+from d2m_dist.data.stream import fixed_order_stream
 from d2m_dist.models.flux import unpack_latents
 from d2m_dist.models.sampling import SamplerConfig, euler_sample, unit_to_uint8
 
@@ -32,8 +35,6 @@ class GridPrompts:
 
 def prompts_from_shards(urls: str, count: int) -> GridPrompts:
     """The first ``count`` samples (one resolution bucket) of an unshuffled epoch over ``urls``."""
-    from d2m_dist.data.stream import fixed_order_stream
-
     batch = next(iter(fixed_order_stream(urls, count)))
     latents = torch.as_tensor(batch["latent"])
     return GridPrompts(torch.as_tensor(batch["prompt_embeds"]).float(), torch.as_tensor(batch["pooled"]).float(),
@@ -52,10 +53,6 @@ def find_vae(teacher_path: str, override: Optional[str] = None) -> Optional[Path
 
 
 def load_vae(folder: Path, device: torch.device):
-    from diffusers import AutoencoderKL
-
-    from d2m_dist.config import ConfigError
-
     try:
         vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32)
     except (OSError, ValueError) as exc:

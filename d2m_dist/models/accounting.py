@@ -11,13 +11,21 @@ reported (docs/METHOD.md, docs/DECISIONS.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
-from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+from diffusers.models.normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+)
 from torch import nn
 
-from d2m_dist.models.mob import MoBGroup
+from d2m_dist.config import MoBConfig, MoEConfig, TeacherConfig
+from d2m_dist.models.flux import load_teacher
+from d2m_dist.models.mob import MoBGroup, apply_mob
 from d2m_dist.models.moe import MoEFeedForward
+from d2m_dist.models.spec import select_sites
+from d2m_dist.models.surgery import convert_to_moe
 
 _MODULATION = (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous)
 
@@ -110,3 +118,12 @@ def dense_ffn_params(model: nn.Module) -> int:
         d = b.proj_out.weight.shape[0]
         n += count(b.proj_mlp) + b.proj_out.weight[:, d:].numel()
     return n
+
+
+def parameter_report(teacher: TeacherConfig, moe: MoEConfig, mob: MoBConfig) -> Tuple[int, int, ParamReport]:
+    """(dense total, dense FFN, the student's report) for a conversion config, on the meta device (no weights)."""
+    model = load_teacher(teacher, meta=True)
+    dense_total, dense_ffn = count(model), dense_ffn_params(model)
+    c = model.config
+    student = apply_mob(convert_to_moe(model, select_sites(moe, c.num_layers, c.num_single_layers), moe), mob)
+    return dense_total, dense_ffn, moe_param_report(student)

@@ -15,39 +15,22 @@ from typing import Dict, Optional
 
 import torch
 from diffusers import FluxTransformer2DModel
+from safetensors import safe_open
 
-from d2m_dist.config import ConfigError, TeacherConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# diffusers' config of black-forest-labs/FLUX.1-dev transformer/config.json
-FLUX1_DEV_CONFIG: Dict = {
-    "_class_name": "FluxTransformer2DModel",
-    "attention_head_dim": 128,
-    "axes_dims_rope": [16, 56, 56],
-    "guidance_embeds": True,
-    "in_channels": 64,
-    "joint_attention_dim": 4096,
-    "num_attention_heads": 24,
-    "num_layers": 19,
-    "num_single_layers": 38,
-    "patch_size": 1,
-    "pooled_projection_dim": 768,
-}
-
-
-# Architectures known by name, for dry runs without any file: ``teacher.path=meta:flux1-dev``.
-BUILTIN_CONFIGS: Dict[str, Dict] = {"meta:flux1-dev": FLUX1_DEV_CONFIG}
-
-
-class TeacherLoadError(ConfigError):
-    """The teacher path does not hold a loadable FLUX transformer."""
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"dtype '{name}' is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+from d2m_dist.config import TeacherConfig
+from d2m_dist.models.flux_config import (  # noqa: F401  (re-exported: the loaders' public names)
+    BUILTIN_CONFIGS,
+    DTYPES,
+    FLUX1_DEV_CONFIG,
+    TeacherLoadError,
+    check_safetensors_extent,
+    parse_dtype,
+)
+from d2m_dist.models.flux_single_file import (
+    infer_config,
+    original_to_diffusers,
+    read_original_checkpoint,
+)
 
 
 def resolve_transformer_dir(path: str | Path) -> Path:
@@ -79,8 +62,6 @@ def resolve_transformer_dir(path: str | Path) -> Path:
 
 def _check_weights(folder: Path) -> None:
     """Open every safetensors file once so that a truncated file fails by name, fast."""
-    from safetensors import safe_open
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise TeacherLoadError(f"teacher {folder}: no .safetensors weights")
@@ -91,28 +72,12 @@ def _check_weights(folder: Path) -> None:
         if missing:
             raise TeacherLoadError(f"teacher {folder}: missing weight shard {missing[0]}")
     for f in files:
-        _check_safetensors_extent(f)
+        check_safetensors_extent(f)
         try:
             with safe_open(str(f), framework="pt") as sf:
                 sf.keys()
         except Exception as exc:
             raise TeacherLoadError(f"teacher weights {f}: unreadable ({str(exc).splitlines()[0]})") from None
-
-
-def _check_safetensors_extent(f: Path) -> None:
-    """The header promises byte ranges; a truncated file stops short of them."""
-    size = f.stat().st_size
-    try:
-        with open(f, "rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if 8 + header_len > size:
-                raise ValueError
-            header = json.loads(fh.read(header_len))
-    except (ValueError, UnicodeDecodeError):
-        raise TeacherLoadError(f"teacher weights {f}: truncated or not safetensors (bad header)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end > size:
-        raise TeacherLoadError(f"teacher weights {f}: truncated ({size} bytes, header needs {8 + header_len + end})")
 
 
 def load_flux_config(path: str | Path) -> Dict:
@@ -166,8 +131,6 @@ def load_teacher(cfg: TeacherConfig, *, meta: bool = False) -> FluxTransformer2D
 
 def _load_single_file(cfg: TeacherConfig, dtype: torch.dtype, meta: bool) -> FluxTransformer2DModel:
     """An original-layout single-file checkpoint (``flux1-dev.safetensors``)."""
-    from d2m_dist.models.flux_single_file import infer_config, original_to_diffusers, read_original_checkpoint
-
     path = Path(cfg.path)
     if path.suffix != ".safetensors":
         raise TeacherLoadError(f"teacher {path}: a single-file teacher must be .safetensors")

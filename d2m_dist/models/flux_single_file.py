@@ -17,7 +17,11 @@ from typing import Dict
 import torch
 from safetensors import safe_open
 
-from d2m_dist.models.flux import FLUX1_DEV_CONFIG, TeacherLoadError, _check_safetensors_extent
+from d2m_dist.models.flux_config import (
+    FLUX1_DEV_CONFIG,
+    TeacherLoadError,
+    check_safetensors_extent,
+)
 
 # original prefix -> diffusers prefix, for the parts that are plain renames
 _RENAMES = {
@@ -143,7 +147,7 @@ _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16
 
 def read_original_checkpoint(path: Path, *, meta: bool = False) -> Dict[str, torch.Tensor]:
     """The checkpoint's tensors; with ``meta``, meta tensors of the right shapes (header only)."""
-    _check_safetensors_extent(path)
+    check_safetensors_extent(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())

@@ -36,8 +36,8 @@ from torch import nn
 
 from d2m_dist.models import _megatron as mu
 from d2m_dist.models.precision import fp32_region
-from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.models.spec import SiteShape
+from d2m_dist.parallel.comm_timing import COMM_CLOCK
 
 
 class _AllToAll(torch.autograd.Function):

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 
 import torch
 from huggingface_hub import load_state_dict_from_file, save_torch_state_dict
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -82,8 +83,6 @@ def moe_config_from_dict(d: Dict) -> MoEConfig:
 
 
 def mob_config_from_dict(d: Dict) -> MoBConfig:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MoBConfig), d))  # type: ignore[return-value]
 
 

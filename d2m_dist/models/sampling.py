@@ -19,7 +19,13 @@ from typing import Optional
 import torch
 
 from d2m_dist.models.flow import resolution_shift, shift_timesteps
-from d2m_dist.models.flux import FluxInputs, call_flux, latent_image_ids, pack_latents, unpack_latents
+from d2m_dist.models.flux import (
+    FluxInputs,
+    call_flux,
+    latent_image_ids,
+    pack_latents,
+    unpack_latents,
+)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 from torch import nn
 
 from d2m_dist.config import MoEConfig
+from d2m_dist.models.mob import MoBGroup
 from d2m_dist.models.moe import MoEFeedForward
 from d2m_dist.models.spec import MoESpec, SiteShape
 
@@ -189,8 +190,6 @@ def moe_layer_at(model: nn.Module, site: str) -> MoEFeedForward:
 
 def _unwrap_block(blocks: Any, i: int):
     """Block i of a stream, looking through Mixture-of-Blocks groups."""
-    from d2m_dist.models.mob import MoBGroup
-
     k = 0
     for entry in blocks:
         members = entry.blocks if isinstance(entry, MoBGroup) else [entry]

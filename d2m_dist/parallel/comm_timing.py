@@ -37,13 +37,14 @@ class CommClock:
         # the comms logger times each collective with a timer named after it; a timer keeps every
         # interval since its last reset, so the sum over timers is this step's total (the logger's
         # own per-call records are running sums, see docs/DECISIONS.md)
+        # lazy: the MoE layer imports this module, and DeepSpeed takes seconds to import
         from deepspeed.comm import comm as dscomm
 
         return dscomm.timers.timers
 
     def start(self) -> None:
         """Begin a measured step: both sources from zero."""
-        from deepspeed import comm as dscomm
+        from deepspeed import comm as dscomm  # lazy: as above
 
         self._deepspeed_timers().clear()
         dscomm.configure(enabled=True, prof_all=True)
@@ -51,7 +52,7 @@ class CommClock:
         self.enabled = True
 
     def stop(self) -> None:
-        from deepspeed import comm as dscomm
+        from deepspeed import comm as dscomm  # lazy: as above
 
         dscomm.configure(enabled=False)
         dscomm.comms_logger.comms_dict = {}

@@ -5,58 +5,83 @@ Expert parallelism with our own MoE layer (docs/DECISIONS.md has the evidence):
 1. the expert-parallel groups are DeepSpeed's own ``ep_size_<n>`` groups, created
    before the student is built because our layer needs its group at construction;
 2. DeepSpeed recognises MoE layers only by ``isinstance(m, deepspeed.moe.layer.MoE)``,
-   so each MoE layer becomes a :class:`DeepSpeedMoEFeedForward` — our layer with
-   DeepSpeed's MoE class as a marker base (its ``__init__`` never runs) and the
-   attributes the engine reads; expert parameters carry ``allreduce=False`` and
-   their group name, so ZeRO reduces them only inside their expert-data-parallel group;
+   so each MoE layer's class is switched to a subclass of it with DeepSpeed's MoE
+   class as a marker base (its ``__init__`` never runs; one such class per layer
+   class) and the attributes the engine reads; expert parameters carry
+   ``allreduce=False`` and their group name, so ZeRO reduces them only inside their
+   expert-data-parallel group;
 3. state-dict hooks present the stacked experts as DeepSpeed's per-expert modules,
    so ``save_checkpoint`` writes one file per *global* expert id;
 4. frozen parameters are left out of checkpoints (DeepSpeed would store rank 0's
    copy of frozen experts for every rank); they come back from the init weights.
+
+This room knows no model class: an expert layer is any module with the
+:class:`ExpertLayer` attributes (``models/moe.MoEFeedForward`` has them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional, Protocol, Tuple
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
 from torch import nn
 
 from d2m_dist.config import StageConfig
-from d2m_dist.models.moe import MoEFeedForward
 from d2m_dist.parallel.dist import DistInfo
 
 EXPERT_WEIGHTS = ("w1", "b1", "w2")
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
 
 
+class ExpertLayer(Protocol):
+    """What expert parallelism needs from an MoE layer."""
+
+    experts: nn.Module  # this rank's expert stack: parameters w1, b1, w2 stacked by local expert
+    num_experts: int  # over all ranks
+    expert_offset: int  # global id of this rank's first expert
+
+
+def expert_layers(model: nn.Module) -> Iterator[Tuple[str, ExpertLayer]]:
+    """(name, layer) for every module with the :class:`ExpertLayer` attributes."""
+    for name, m in model.named_modules():
+        if all(hasattr(m, a) for a in ("experts", "num_experts", "expert_offset")):
+            yield name, m  # type: ignore[misc]
+
+
 def expert_group(ep_size: int):
     """DeepSpeed's expert-parallel group for ``ep_size`` (created on first use); None for ep_size 1."""
     if ep_size == 1:
         return None
-    from deepspeed.utils import groups
-
     name = f"ep_size_{ep_size}"
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
     return groups._get_expert_parallel_group(name)
 
 
-def _marker_class():
-    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+def _set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+    # the engine calls this on every MoE layer; our groups exist already (expert_group)
+    if use_data_before_expert_parallel_:
+        raise ValueError("d2m builds expert groups with the expert-then-data layout")
 
-    class DeepSpeedMoEFeedForward(DeepSpeedMoE, MoEFeedForward):
-        """Our MoE layer as DeepSpeed's engine sees it (see module docstring)."""
 
-        forward = MoEFeedForward.forward
+_MARKED: Dict[type, type] = {}  # layer class -> its DeepSpeed-marked subclass, made once
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            # the engine calls this on every MoE layer; our groups exist already (expert_group)
-            if use_data_before_expert_parallel_:
-                raise ValueError("d2m builds expert groups with the expert-then-data layout")
 
-    return DeepSpeedMoEFeedForward
+def _marked_class(cls: type) -> type:
+    """``cls`` as DeepSpeed's engine sees it: a subclass with DeepSpeed's MoE as marker base."""
+    if issubclass(cls, DeepSpeedMoE):
+        return cls
+    if cls not in _MARKED:
+        _MARKED[cls] = type(f"DeepSpeed{cls.__name__}", (DeepSpeedMoE, cls),
+                            {"forward": cls.forward, "set_deepspeed_parallelism": _set_deepspeed_parallelism,
+                             "__doc__": f"{cls.__name__} marked as a DeepSpeed MoE layer (parallel/deepspeed_setup.py)"})
+    return _MARKED[cls]
 
 
 def _split_experts(module, state_dict, prefix, local_metadata):
@@ -79,11 +104,10 @@ def adopt_moe_layers(model: nn.Module, ep_size: int) -> None:
     """Make every MoE layer of ``model`` an expert-parallel layer DeepSpeed manages (ep_size > 1)."""
     if ep_size == 1:
         return
-    cls = _marker_class()
     name = f"ep_size_{ep_size}"
-    for m in model.modules():
-        if isinstance(m, MoEFeedForward) and not isinstance(m, cls):
-            m.__class__ = cls  # same instance and parameters; only DeepSpeed's view changes
+    for _, m in expert_layers(model):
+        if not isinstance(m, DeepSpeedMoE):
+            m.__class__ = _marked_class(type(m))  # same instance and parameters; only DeepSpeed's view changes
             m.expert_group_name = name
             m.num_local_experts = m.experts.num_local
             m.enable_expert_tensor_parallelism = False
@@ -140,18 +164,14 @@ def student_config(cfg: StageConfig, info: DistInfo, stage: int) -> Dict:
 
 def _local_expert_copies(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Copies of the expert stacks this rank holds (under expert parallelism they differ by rank)."""
-    return {f"{n}.experts.{w}": t.detach().clone() for n, m in model.named_modules() if isinstance(m, MoEFeedForward)
+    return {f"{n}.experts.{w}": t.detach().clone() for n, m in expert_layers(model)
             for w, t in m.experts.named_parameters()}
 
 
 def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo, zero_stage: int):
-    import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
     # DeepSpeed's MoE path needs a trainable expert group; with experts frozen (stage 3) the
     # layers stay plain: our all_to_all still routes tokens, no expert gradient exists to reduce
-    experts_train = any(p.requires_grad for m in model.modules() if isinstance(m, MoEFeedForward)
-                        for p in m.experts.parameters())
+    experts_train = any(p.requires_grad for _, m in expert_layers(model) for p in m.experts.parameters())
     if experts_train:
         adopt_moe_layers(model, cfg.parallel.ep_size)
     # deepspeed.initialize broadcasts every parameter it does not know as an expert from rank 0,
@@ -177,8 +197,6 @@ def student_engine(model: nn.Module, cfg: StageConfig, info: DistInfo, zero_stag
 
 def zero3_inference_engine(model: nn.Module, *, offload: bool, bf16: bool, micro_batch: int, on_gpu: bool):
     """A frozen model as a ZeRO-3 engine without optimizer: weights sharded over ranks, optionally on CPU."""
-    import deepspeed
-
     zero: Dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
     if offload:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
@@ -191,17 +209,8 @@ def zero3_inference_engine(model: nn.Module, *, offload: bool, bf16: bool, micro
     return engine
 
 
-def teacher_engine(teacher: nn.Module, cfg: StageConfig, info: DistInfo):
-    """The stage's frozen teacher as a ZeRO-3 inference engine."""
-    return zero3_inference_engine(teacher, offload=cfg.parallel.teacher_offload, bf16=use_bf16(cfg, info),
-                                  micro_batch=cfg.data.batch_size, on_gpu=info.device.type == "cuda")
-
-
 def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict[str, torch.Tensor]:
     """The student's weights with every expert stack complete (global ids), on CPU; collective under EP."""
-    import deepspeed
-    import torch.distributed as dist
-
     params = list(model.named_parameters())
     # ZeRO-3 holds partitions: gather each full tensor (a no-op for ZeRO-1/2); clone, because
     # ZeRO's flat buffers make parameters share storage, which safetensors refuses
@@ -211,8 +220,8 @@ def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict
     if ep_group is None:
         return sd
     ep = dist.get_world_size(ep_group)
-    for name, m in model.named_modules():
-        if isinstance(m, MoEFeedForward) and m.experts.num_local != m.num_experts:
+    for name, m in expert_layers(model):
+        if m.experts.num_local != m.num_experts:
             for w in EXPERT_WEIGHTS:
                 local = getattr(m.experts, w).detach().contiguous()
                 parts = [torch.empty_like(local) for _ in range(ep)]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import atexit
 import glob
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from d2m_dist.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,6 @@ def pick_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            from d2m_dist.config import ConfigError
-
             raise ConfigError("device=cuda but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -42,7 +43,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     A group that already exists (the caller made it) is adopted: DeepSpeed's communication
     layer wraps it, so its expert-parallel groups and engines work on it.
     """
-    import deepspeed
+    import deepspeed  # lazy: seconds to import; pick_device and DistInfo callers never need it
 
     device = pick_device(device_name)
     if device.type == "cuda":
@@ -79,8 +80,6 @@ def remove_shm_buffers(addr: str, port: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

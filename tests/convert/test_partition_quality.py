@@ -2,7 +2,7 @@
 
 from d2m_dist.bench import partition
 from d2m_dist.config import CalibrationConfig
-from d2m_dist.convert.digits_calibration import digits_batches
+from d2m_dist.digits.batches import digits_batches
 
 
 def test_taylor_beats_random_at_k2_on_a_trained_teacher(digits_teacher):

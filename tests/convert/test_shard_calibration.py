@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from d2m_dist.config import CalibrationConfig, ConfigError, ConvertConfig, MoEConfig, TeacherConfig
-from d2m_dist.convert.pipeline import run_convert, shard_batches
+from d2m_dist.convert.calibration import shard_batches
+from d2m_dist.convert.pipeline import run_convert
 from d2m_dist.data.stream import ShardStream, StreamConfig
 from d2m_dist.models.flux import load_teacher, pack_latents
 from d2m_dist.models.portable import read_provenance

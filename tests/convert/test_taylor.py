@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from d2m_dist.config import CalibrationConfig, ConvertConfig, TeacherConfig
-from d2m_dist.convert.pipeline import random_batches
+from d2m_dist.convert.calibration import random_batches
 from d2m_dist.convert.taylor import flow_matching_loss, taylor_scores
 from d2m_dist.models.spec import all_site_names
 from d2m_dist.models.surgery import dense_ffn

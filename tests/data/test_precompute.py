@@ -14,11 +14,11 @@ from PIL import Image
 from d2m_dist.cli import main
 from d2m_dist.data import precompute as precompute_mod
 from d2m_dist.data.buckets import fit_to_bucket
-from d2m_dist.data.digits import digit_caption, load_digits_arrays
 from d2m_dist.data.errors import DataError
 from d2m_dist.data.precompute import PrecomputeConfig, precompute
 from d2m_dist.data.stream import ShardStream, StreamConfig
-from d2m_dist.data.text_encoder import encode_captions
+from d2m_dist.digits.data import digit_caption, load_digits_arrays
+from d2m_dist.digits.text_encoder import encode_captions
 from d2m_dist.models.sampling import uint8_to_unit
 
 from ..distributed import run_ranks

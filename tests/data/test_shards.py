@@ -10,9 +10,9 @@ from pathlib import Path
 import braceexpand
 import pytest
 
-from d2m_dist.data.digits import digit_caption, load_digits_arrays
 from d2m_dist.data.errors import DataError
-from d2m_dist.data.shards import ShardWriterConfig, make_shards, read_manifest, scan_digits, write_shards
+from d2m_dist.data.shards import ShardWriterConfig, make_shards, read_manifest, write_shards
+from d2m_dist.digits.data import digit_caption, load_digits_arrays, scan_digits
 
 from .conftest import png_bytes
 

@@ -10,9 +10,9 @@ from itertools import islice
 import pytest
 import torch
 
-from d2m_dist.data.digits import digit_caption, load_digits_arrays
 from d2m_dist.data.errors import DataError
 from d2m_dist.data.stream import ShardStream, StreamConfig
+from d2m_dist.digits.data import digit_caption, load_digits_arrays
 
 BUCKETS = [[8, 8], [4, 16]]  # digits are 8x8: all land in the first
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import d2m_dist.digits  # noqa: F401  (in-process workers train on the digits preset: it must be registered there too)
 from d2m_dist.config import ConfigError, StageConfig
 from d2m_dist.distill.stages import RECIPES, stage_recipe
 from d2m_dist.models.portable import read_state_dict
@@ -260,7 +261,8 @@ def test_teacher_without_guidance_embedding_through_every_stage(tmp_path):
     """FLUX.1 [schnell]'s kind of teacher (no guidance embedding; 2 double + 4 single blocks): conversion,
     stages 1-3, sampling and export all run, and the student keeps the architecture."""
     from d2m_dist.cli import main
-    from d2m_dist.distill.pretrain_teacher import PretrainConfig, pretrain, save_teacher
+    from d2m_dist.digits.card import PretrainConfig
+    from d2m_dist.digits.teacher import pretrain, save_teacher
     from d2m_dist.models.portable import load_student
 
     teacher = tmp_path / "teacher"

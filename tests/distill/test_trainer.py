@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import d2m_dist.digits  # noqa: F401  (in-process workers train on the digits preset: it must be registered there too)
 from d2m_dist.cli import main
 from d2m_dist.models.portable import read_state_dict
 from tests.distill.launch import changed_outside, launch, stage_config, summary
@@ -41,12 +42,12 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
     # the step-time split, logged every step (log.every=1): communication apart from compute
     split = ("time/data", "time/teacher_forward", "time/student_forward_backward", "time/optimizer",
              "time/communication")
-    lines = [json.loads(l) for l in (tmp_path / "n2" / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    timed = [l for l in lines if "time/data" in l]
-    assert [l["step"] for l in timed] == [1, 2, 3, 4, 5]
-    for l in timed:
-        assert all(l[k] >= 0 for k in split), l
-        assert l["time/communication"] > 0  # the token all_to_all and ZeRO's reductions
+    records = [json.loads(line) for line in (tmp_path / "n2" / "run" / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in records if "time/data" in r]
+    assert [r["step"] for r in timed] == [1, 2, 3, 4, 5]
+    for r in timed:
+        assert all(r[k] >= 0 for k in split), r
+        assert r["time/communication"] > 0  # the token all_to_all and ZeRO's reductions
     # the routed experts did train, and nothing else moved (stage 2: routed experts and routers)
     init = read_state_dict(digits_student)
     assert any(not torch.equal(w1[k], init[k]) for k in experts)
@@ -135,7 +136,7 @@ def test_resume_on_another_layout_is_refused(tmp_path, digits_teacher, digits_st
     p = launch(cfg, 1, "steps=4", "parallel.ep_size=1", "data.batch_size=8")  # grown steps: it would resume
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    errors = [l for l in out.splitlines() if "d2m: error:" in l]
+    errors = [line for line in out.splitlines() if "d2m: error:" in line]
     assert len(errors) == 1 and "ep_size 2 (now 1), world_size 2 (now 1)" in errors[0], out[-3000:]
     assert summary(tmp_path / "run")["step"] == 2  # the finished run's results are untouched
 
@@ -195,34 +196,9 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
         os.environ.pop("WORLD_SIZE", None)
     err = capsys.readouterr().err
     assert rc == 2
-    lines = [l for l in err.splitlines() if l.startswith("d2m: error:")]
+    lines = [line for line in err.splitlines() if line.startswith("d2m: error:")]
     assert len(lines) == 1 and expect in lines[0], err
     assert not (tmp_path / "run").exists()
-
-
-def _zero3_teacher_worker(rank, world, teacher_path):
-    os.environ["LOCAL_SIZE"] = str(world)
-    from d2m_dist.config import StageConfig, TeacherConfig
-    from d2m_dist.models.flux import load_teacher
-    from d2m_dist.parallel.deepspeed_setup import teacher_engine
-    from d2m_dist.parallel.dist import DistInfo
-    from tests.tiny import assert_engine_matches_plain, tiny_inputs
-
-    cfg = StageConfig(stage=2, run_dir="r", init="i", teacher=TeacherConfig(path=str(teacher_path)))
-    cfg.parallel.teacher_zero3 = cfg.parallel.teacher_offload = True
-    plain = load_teacher(cfg.teacher)
-    engine = teacher_engine(load_teacher(cfg.teacher), cfg, DistInfo(rank, world, rank, torch.device("cpu")))
-    assert all(p.ds_tensor.numel() < p.ds_numel or world == 1 for p in engine.module.parameters())
-    x = tiny_inputs(seed=rank)
-    assert_engine_matches_plain(plain, engine, x)
-
-
-def test_zero3_offloaded_teacher_equals_plain(tmp_path):
-    from tests.distributed import run_ranks
-    from tests.tiny import save_tiny_teacher
-
-    save_tiny_teacher(tmp_path / "t")
-    run_ranks(_zero3_teacher_worker, 2, tmp_path / "t")
 
 
 # ----------------------------------------------------------------------------- in-process runs

@@ -47,18 +47,16 @@ def test_router_stays_fp32_under_bf16_autocast():
 
 def test_zero3_offloaded_teacher_on_cuda_equals_plain(tmp_path):
     """NCCL world of one; the teacher's weights offloaded to pinned CPU memory, gathered per block."""
-    from d2m_dist.config import StageConfig, TeacherConfig
+    from d2m_dist.config import TeacherConfig
+    from d2m_dist.distill.teacher import FrozenTeacher
     from d2m_dist.models.flux import load_teacher
-    from d2m_dist.parallel.deepspeed_setup import teacher_engine
     from d2m_dist.parallel.dist import init_distributed
 
     os.environ.pop("RANK", None)
     save_tiny_teacher(tmp_path / "t")
     info = init_distributed("cuda")
-    cfg = StageConfig(stage=2, run_dir="r", init="i", teacher=TeacherConfig(path=str(tmp_path / "t")),
-                      precision="fp32")
-    cfg.parallel.teacher_zero3 = cfg.parallel.teacher_offload = True
-    plain = load_teacher(cfg.teacher).cuda()
-    engine = teacher_engine(load_teacher(cfg.teacher), cfg, info)
+    cfg = TeacherConfig(path=str(tmp_path / "t"), placement="offload")
+    plain = load_teacher(cfg).cuda()
+    engine = FrozenTeacher(cfg, info.device).engine
     x = tiny_inputs(seed=0).to("cuda")
     assert_engine_matches_plain(plain, engine, x)

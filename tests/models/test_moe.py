@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from d2m_dist.models.moe import MoEFeedForward
 from d2m_dist.models.spec import MoESpec

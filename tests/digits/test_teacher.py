@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from d2m_dist.config import TeacherConfig
-from d2m_dist.distill.pretrain_teacher import (PretrainConfig, count_parameters, digits_training_set,
-                                               evaluate_teacher, load_pretrain_config, pretrain,
-                                               sample_batch, save_teacher)
+from d2m_dist.digits.card import ConfigError, PretrainConfig, load_pretrain_config
+from d2m_dist.digits.data import digits_training_set, sample_batch
+from d2m_dist.digits.evaluate import evaluate_teacher
+from d2m_dist.digits.teacher import count_parameters, pretrain, save_teacher
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import call_flux, load_teacher
 
@@ -61,9 +62,9 @@ class FlowToDigit(torch.nn.Module):
 
     def __init__(self, target):
         super().__init__()
-        from d2m_dist.data.text_encoder import encode_captions
-        from d2m_dist.eval.digits_classifier import digits_split
-        from d2m_dist.distill.pretrain_teacher import digit_captions
+        from d2m_dist.digits.classifier import digits_split
+        from d2m_dist.digits.data import digit_captions
+        from d2m_dist.digits.text_encoder import encode_captions
         from d2m_dist.models.sampling import pixels_to_latents
 
         split = digits_split()  # held-out real digits: the classifier never saw them
@@ -95,10 +96,10 @@ def test_evaluate_runs_on_any_model(quick_run):
 
 
 def test_config_is_checked():
-    with pytest.raises(ValueError, match="sum"):
-        PretrainConfig(axes_dims_rope=[8, 8, 8]).check()
-    with pytest.raises(ValueError, match="caption_dropout"):
-        PretrainConfig(caption_dropout=1.0).check()
+    with pytest.raises(ConfigError, match="sum"):
+        PretrainConfig(axes_dims_rope=[8, 8, 8]).validate()
+    with pytest.raises(ConfigError, match="caption_dropout"):
+        PretrainConfig(caption_dropout=1.0).validate()
 
 
 # The default teacher's accuracy (cfg1 >= 0.9, cfg2 >= 0.95, card == evaluation after reload) is checked on

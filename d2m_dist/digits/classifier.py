@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from d2m_dist.data.digits import load_digits_arrays
+from d2m_dist.digits.data import load_digits_arrays
 from d2m_dist.models.sampling import uint8_to_unit
 
 # A fixed fifth of the real digits is never seen by the classifier, so its
@@ -39,7 +39,7 @@ class DigitSplit:
 @functools.lru_cache(maxsize=1)
 def digits_split() -> DigitSplit:
     """The classifier's stratified train / held-out split of the 1797 real digits."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # lazy: scikit-learn's import is slow
 
     images, labels = load_digits_arrays()
     tr_x, te_x, tr_y, te_y = train_test_split(
@@ -52,7 +52,7 @@ class DigitClassifier:
     """Reads [B, 8, 8] images in [-1, 1] as digits 0..9."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        from sklearn.svm import SVC
+        from sklearn.svm import SVC  # lazy: scikit-learn's import is slow
 
         # gamma="scale" adapts the RBF width to the pixel range; C=10 (vs the
         # default 1) fits the 8x8 digits tighter: 0.994 vs 0.989 held-out.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from d2m_dist.data import text_encoder as te
+from d2m_dist.digits import text_encoder as te
 
 
 def test_disk_cache_round_trip(tmp_path, monkeypatch):
