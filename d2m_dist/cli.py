@@ -145,6 +145,22 @@ def cmd_precompute(args) -> int:
     return 0
 
 
+def cmd_ckpt_inspect(args) -> int:
+    from d2m_dist.ckpt.export import inspect  # lazy: torch, safetensors
+
+    print(json.dumps(inspect(args.path), indent=2))
+    return 0
+
+
+def cmd_ckpt_export(args) -> int:
+    from d2m_dist.ckpt.export import export  # lazy: torch, safetensors
+
+    out = export(args.path, args.out, weights=args.weights, optimizer=args.optimizer, init=args.init,
+                 max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+    print(f"student written to {out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from d2m_dist.bench.runner import run_benchmark  # lazy: every benchmark's imports
 
@@ -187,6 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("precompute", "encode raw shards once: VAE latents + text embeddings (torchrun: N ranks)",
                 cmd_precompute)
+
+    ckpt = sub.add_parser("ckpt", help="training checkpoints").add_subparsers(dest="ckpt_verb", required=True)
+    sp = ckpt.add_parser("inspect", help="layout, step, what it holds, sizes (JSON)")
+    sp.add_argument("path", help="a checkpoint folder, a checkpoints folder (its latest) or a stage folder")
+    sp.set_defaults(func=cmd_ckpt_inspect)
+    sp = ckpt.add_parser("export", help="a checkpoint as a portable student folder, one tensor at a time")
+    sp.add_argument("path", help="a checkpoint folder, a checkpoints folder (its latest) or a stage folder")
+    sp.add_argument("--out", required=True, help="the student folder to write")
+    sp.add_argument("--weights", default="last", choices=("last", "ema"), help="the last weights or their EMA")
+    sp.add_argument("--optimizer", action="store_true",
+                    help="also the Adam moments and counters (a stage can start from them: ckpt.init_state=true)")
+    sp.add_argument("--init", help="the stage's init folder (frozen weights), if it moved since training")
+    sp.add_argument("--max-shard-gb", type=float, default=5.0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_ckpt_export)
 
     sp = sub.add_parser("bench", help="benchmarks (docs/BENCHMARKS.md)")
     sp.add_argument("name", help="mob | partition | data | step")

@@ -54,6 +54,7 @@ RouterInit = choices("RouterInit", "mean_w1", "normal")
 Device = choices("Device", "auto", "cpu", "cuda")
 Precision = choices("Precision", "auto", "fp32", "bf16")
 LRDecay = choices("LRDecay", "cosine", "linear", "constant")
+StreamMode = choices("StreamMode", "epoch", "resampled")
 
 
 def _positive(**values: float) -> None:
@@ -271,6 +272,9 @@ class TrainDataConfig:
     batch_size: int = 16  # per rank, per micro-step
     num_workers: int = 0
     seed: int = 0
+    # shards: epoch (each sample once per epoch; a resume in another layout shares out the rest of the
+    # epoch exactly) | resampled (shards drawn with replacement, no epochs)
+    mode: StreamMode = StreamMode("epoch")
     # value fed to the guidance embedding; None: the digits teacher's card, else 3.5 (FLUX.1-dev)
     guidance: Optional[float] = None
 
@@ -290,6 +294,8 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
+    # ranks one MoE layer's experts are split over; 0: the largest that divides the world size and
+    # every site's expert count (1 under ZeRO-3), so a job requeued on another node count still starts
     ep_size: int = 1
     # ZeRO stage of the student; None: the stage's recipe (3 for stage 1, 2 with experts)
     zero_stage: Optional[int] = None
@@ -299,6 +305,9 @@ class ParallelConfig:
 class CheckpointConfig:
     every: int = 100  # steps; 0: only at the end and on signals
     keep: int = 3
+    # a fresh stage (no checkpoint yet) whose init folder is a `d2m ckpt export --optimizer` folder
+    # continues its training state (Adam moments, counters, scheduler, data position), on any layout
+    init_state: bool = False
 
 
 @dataclass
@@ -370,9 +379,10 @@ class StageConfig:
             self.init = str(Path(self.run_dir) / ("stage0" if self.stage == 1 else f"stage{self.stage - 1}/export"))
         o = self.optim
         _positive(steps=self.steps, **{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum,
-                                       "data.batch_size": self.data.batch_size, "parallel.ep_size": self.parallel.ep_size,
+                                       "data.batch_size": self.data.batch_size,
                                        "max_bad_steps": self.max_bad_steps})
-        _non_negative(**{"optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
+        _non_negative(**{"parallel.ep_size": self.parallel.ep_size,
+                         "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
                          "optim.grad_clip": o.grad_clip, "optim.min_lr_ratio": o.min_lr_ratio,
                          "data.num_workers": self.data.num_workers, "ckpt.every": self.ckpt.every,
                          "log.sample_every": self.log.sample_every, "log.fixed_batches": self.log.fixed_batches})

@@ -28,9 +28,19 @@ worker's sequence from the same seeds and drops the batches already delivered;
 those are only *prepared* (headers parsed), not decoded. DataLoader worker i
 plays logical worker (i + next) mod num_workers, so the round-robin continues
 with the worker that was due. The next batches are exactly those an
-uninterrupted run would have produced. If the world size (or another setting
-that changes the order) differs, exact resume is impossible: the stream starts
-epoch + 1 in a fresh deterministic order and logs a warning.
+uninterrupted run would have produced.
+
+After a change of world size (an elastic resume), :meth:`ShardStream.redistribute`
+takes every old rank's state: the unread rest of each old rank's epoch (and any
+whole epoch an old rank had not reached yet) is dealt round-robin to the new
+ranks as *leftovers*, which a new rank reads to their ends (regenerated exactly
+as the old rank would have read them) before its own stream starts at the next
+epoch in the new layout. So within every epoch each sample is read exactly once,
+whatever the layout changes. Leftovers are part of the state, so a resume in the
+same layout continues inside them. Resampled mode has no epochs: after a layout
+change it starts afresh, with a warning. Loading one state into a stream of
+another layout (:meth:`ShardStream.load_state_dict`) cannot be exact either and
+starts epoch + 1 in a fresh order, with a warning.
 
 Node and worker splitting use the rank/world_size from the config (falling back
 to the RANK/WORLD_SIZE environment or torch.distributed via webdataset), not
@@ -45,6 +55,7 @@ consumes; :attr:`ShardStream.skips` holds the totals.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import itertools
 import os
@@ -188,6 +199,8 @@ class ShardStream:
             )
         self.skips = SkipCounter()
         self._pos = _Position.start(0, self.num_workers)
+        # old ranks' unread epoch rests this rank reads first (after an elastic resume): their states
+        self.leftovers: List[Dict[str, Any]] = []
 
     # ------------------------------------------------------------------ iteration
 
@@ -218,7 +231,15 @@ class ShardStream:
             self._pos = _Position.start(self._pos.epoch + 1, self.num_workers)
 
     def forever(self) -> Iterator[Dict[str, Any]]:
-        """Batches without end: in epoch mode, one epoch after the other."""
+        """Batches without end: the leftovers first, then, in epoch mode, one epoch after the other."""
+        while self.leftovers:
+            rest = self._leftover_stream(self.leftovers[0])
+            for batch in rest:
+                self.leftovers[0] = rest.state_dict()
+                self.skips.merge(rest.skips.as_dict())
+                rest.skips = SkipCounter()
+                yield batch
+            self.leftovers.pop(0)
         empty = 0
         while True:
             n = 0
@@ -233,12 +254,14 @@ class ShardStream:
 
     def state_dict(self) -> Dict[str, Any]:
         """The position after the last delivered batch, plus what it is only valid for."""
-        return {"version": 1, "position": asdict(self._pos), "skips": self.skips.as_dict(), "layout": self._layout()}
+        return {"version": 1, "position": asdict(self._pos), "skips": self.skips.as_dict(), "layout": self._layout(),
+                "leftovers": copy.deepcopy(self.leftovers)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue where ``state`` stopped, or at epoch + 1 in a fresh order if the layout changed."""
         pos = _Position(**state["position"])
         self.skips = SkipCounter(state.get("skips", {}))
+        self.leftovers = copy.deepcopy(state.get("leftovers", []))
         saved, now = state.get("layout", {}), self._layout()
         changed = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v]
         if changed:
@@ -249,6 +272,43 @@ class ShardStream:
             self._pos = _Position.start(pos.epoch + 1, self.num_workers)
         else:
             self._pos = pos
+
+    def redistribute(self, states: List[Dict[str, Any]]) -> List[int]:
+        """Continue from the states of all ranks of another layout (an elastic resume).
+
+        Returns the old ranks whose epoch rests this rank reads first (see the module docstring).
+        """
+        if self.cfg.mode != "epoch":
+            log.warning("data stream in %s mode has no epochs to share out: after the change from %d to %d ranks "
+                        "it starts afresh (every sample may come again, none is owed)", self.cfg.mode, len(states),
+                        self.world_size)
+            self._pos = _Position.start(max(s["position"]["epoch"] for s in states) + 1, self.num_workers)
+            return []
+        last_epoch = max(s["position"]["epoch"] for s in states)
+        rests: List[Dict[str, Any]] = []
+        owners: List[int] = []
+        for old_rank, st in enumerate(states):
+            pending = list(st.get("leftovers", [])) + [{k: v for k, v in st.items() if k != "leftovers"}]
+            workers = st["layout"]["num_workers"]
+            # epochs this old rank had not reached yet are owed whole
+            pending += [{**pending[-1], "position": asdict(_Position.start(e, workers)), "skips": {}}
+                        for e in range(st["position"]["epoch"] + 1, last_epoch + 1)]
+            rests += pending
+            owners += [old_rank] * len(pending)
+        mine = list(range(self.rank, len(rests), self.world_size))
+        self.leftovers = [rests[i] for i in mine]
+        self._pos = _Position.start(last_epoch + 1, self.num_workers)
+        return sorted({owners[i] for i in mine})
+
+    def _leftover_stream(self, state: Dict[str, Any]) -> "ShardStream":
+        """The old rank's stream that ``state`` describes, positioned where it stopped."""
+        saved = state["layout"]
+        workers = self.cfg.num_workers if saved["num_workers"] == self.num_workers else saved["num_workers"]
+        cfg = dataclasses.replace(self.cfg, rank=saved["rank"], world_size=saved["world_size"], num_workers=workers,
+                                  batch_size=saved["batch_size"], seed=saved["seed"])
+        stream = ShardStream(cfg)
+        stream.load_state_dict({k: v for k, v in state.items() if k != "leftovers"})
+        return stream
 
     def _layout(self) -> Dict[str, Any]:
         """Everything the batch order depends on besides the position."""

@@ -68,7 +68,10 @@ class DigitsBatches:
         return slice_inputs(inputs, lo, lo + self.batch_size), target[lo : lo + self.batch_size]
 
     def state_dict(self) -> Dict:
-        return {}
+        return {}  # the position is the trainer's draw counter
 
     def load_state_dict(self, state: Dict) -> None:
         pass
+
+    def load_elastic_state(self, states: list) -> None:
+        pass  # any layout draws the same global batches from the draw counter

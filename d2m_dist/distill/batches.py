@@ -12,6 +12,7 @@ shards, here) or one a preset registers (``digits``: :mod:`d2m_dist.digits`).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 import torch
@@ -22,6 +23,8 @@ from d2m_dist.data.stream import ShardStream, StreamConfig, fixed_order_stream
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import FluxInputs
 from d2m_dist.parallel.dist import DistInfo
+
+log = logging.getLogger("d2m_dist.train")
 
 FIXED_SEED_OFFSET = 1 << 40  # fixed evaluation batches draw from seeds no training draw reaches
 
@@ -39,6 +42,8 @@ class BatchSource(Protocol):
     def state_dict(self) -> Dict: ...
 
     def load_state_dict(self, state: Dict) -> None: ...
+
+    def load_elastic_state(self, states: List[Dict]) -> None: ...  # every old rank's state, another layout
 
 
 # (stage config, this rank's coordinates, the teacher's diffusers config, the guidance value) -> source
@@ -59,15 +64,17 @@ def make_batches(cfg: StageConfig, info: DistInfo, model_config: Any, guidance: 
 class ShardBatches:
     """Precomputed webdataset shards (``d2m precompute``), streamed with an exact resume position.
 
-    Each rank reads its own split (resampled, deterministic given seed and rank);
-    the stream's position is saved in the trainer's checkpoint, so a restart on
-    the same world size continues with the batches an uninterrupted run would
-    have seen. Noise and timesteps come from ``(seed, draw, micro, rank)``.
+    Each rank reads its own split of every epoch (or, in resampled mode, draws
+    shards with replacement), deterministic given seed and rank; each rank's
+    position is saved with the trainer's checkpoint, so a restart in the same
+    layout continues with the batches an uninterrupted run would have seen, and
+    one in another layout shares out the rest of the epoch (:meth:`load_elastic_state`).
+    Noise and timesteps come from ``(seed, draw, micro, rank)``.
     """
 
     def __init__(self, urls: str, batch_size: int, rank: int, world: int, seed: int, num_workers: int,
-                 guidance: float | None, max_tokens: int | None = None, model_config=None):
-        self.stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode="resampled", batch_size=batch_size,
+                 guidance: float | None, model_config=None, mode: str = "epoch"):
+        self.stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode=str(mode), batch_size=batch_size,
                                                seed=seed, rank=rank, world_size=world, num_workers=num_workers))
         self.rank, self.world, self.seed, self.guidance = rank, world, seed, guidance
         self.batch_size = batch_size
@@ -77,7 +84,7 @@ class ShardBatches:
 
     def get(self, draw: int, micro: int = 0) -> Tuple[FluxInputs, torch.Tensor]:
         if self._it is None:
-            self._it = iter(self.stream)
+            self._it = self.stream.forever()
         batch = precomputed_flow_batch(next(self._it), self.guidance)
         if self.model_config is not None and not self._checked:
             check_batch_shapes(batch, self.model_config, f"data.urls {self.urls}")
@@ -106,10 +113,16 @@ class ShardBatches:
         if state:
             self.stream.load_state_dict(state)
 
+    def load_elastic_state(self, states: List[Dict]) -> None:
+        """Every rank's state from a run in another layout: this rank takes its share of the epoch's rest."""
+        owners = self.stream.redistribute(states)
+        log.info("data: rank %d reads the rest of the epoch of old rank(s) %s (%d stream rests), then epoch %d",
+                 self.rank, owners, len(self.stream.leftovers), self.stream.epoch)
+
 
 def _shard_batches(cfg: StageConfig, info: DistInfo, model_config: Any, guidance: Optional[float]) -> ShardBatches:
     return ShardBatches(cfg.data.urls, cfg.data.batch_size, info.rank, info.world, cfg.data.seed, cfg.data.num_workers,
-                        guidance, model_config=model_config)
+                        guidance, model_config=model_config, mode=cfg.data.mode)
 
 
 register_batch_source("shards", _shard_batches)

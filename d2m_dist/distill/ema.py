@@ -3,8 +3,9 @@
 Each rank averages only what it holds: under ZeRO-3 (stage 1) its partition of
 each parameter (``ds_tensor``), under expert parallelism its local experts, and
 the replicated rest in full. The shadow lives in fp32 next to the weights, is
-saved with each checkpoint as this rank's own file, and is assembled into full
-tensors only for the export (a collective call).
+saved with each checkpoint as ranges of the global tensors (so a resume in another
+layout slices it anew), and is assembled into full tensors only for the export
+(a collective call).
 
 Frozen parameters are not averaged: they never change, so their EMA is the
 parameter itself.
@@ -12,12 +13,14 @@ parameter itself.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from d2m_dist.ckpt.checkpoint import CheckpointError, CheckpointReader, FragmentWriter
+from d2m_dist.ckpt.fragments import Placement
 from d2m_dist.models.moe import MoEFeedForward
 
 
@@ -52,22 +55,40 @@ class StudentEMA:
         for n, p in self.params.items():
             self.shadow[n].lerp_(self._local(p).float(), 1.0 - self.decay)
 
-    # -- checkpointing (this rank's shard) --------------------------------------------
+    # -- checkpointing: ranges of the global tensors, any layout ------------------------
 
-    def state_dict(self) -> Dict:
-        return {"decay": self.decay, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}
+    def write(self, writer: FragmentWriter, places: Dict[str, Placement], rank: int, ep_size: int) -> None:
+        """This rank's share, written once over all ranks: ZeRO-3 partitions by every rank, expert
+        shards by the first expert-parallel group (ranks 0..ep_size-1), replicated tensors by rank 0."""
+        for n, p in self.params.items():
+            t = self.shadow[n]
+            if _zero3_partitioned(p):
+                start = dist.get_rank(p.ds_process_group) * t.numel()
+                numel = min(t.numel(), p.ds_numel - start)
+                if numel > 0:
+                    writer.add(n, "ema", start, t.reshape(-1)[:numel])
+            elif n in self.expert_local:
+                if rank < ep_size:
+                    writer.add(n, "ema", places[n].offset, t)
+            elif rank == 0:
+                writer.add(n, "ema", 0, t)
 
-    def load_state_dict(self, state: Optional[Dict]) -> None:
-        if state is None:
-            raise ValueError("the checkpoint holds no EMA state (it was written with ema.enabled=false)")
-        shadow = state["shadow"]
-        if shadow.keys() != self.shadow.keys():
-            raise ValueError("the checkpoint's EMA covers other parameters than this stage trains")
-        for n, t in shadow.items():
-            if t.shape != self.shadow[n].shape:
-                raise ValueError(f"EMA shard {n} has shape {tuple(t.shape)}, this rank holds "
-                                 f"{tuple(self.shadow[n].shape)} (resume on the same world size)")
-            self.shadow[n].copy_(t)
+    def read(self, reader: CheckpointReader, places: Dict[str, Placement]) -> None:
+        """This rank's shadows from a checkpoint written in any layout."""
+        for n, p in self.params.items():
+            if not reader.has(n, "ema"):
+                raise CheckpointError(f"checkpoint {reader.folder}: no EMA of {n} (written with ema.enabled=false, "
+                                      f"or with other trainable parameters)")
+            t = self.shadow[n]
+            if _zero3_partitioned(p):
+                start = dist.get_rank(p.ds_process_group) * t.numel()
+                numel = min(t.numel(), p.ds_numel - start)
+                flat = torch.zeros(t.numel(), dtype=t.dtype)
+                if numel > 0:
+                    flat[:numel] = reader.read(n, "ema", start, numel)
+                t.copy_(flat.view_as(t))
+            else:
+                t.copy_(reader.read(n, "ema", places[n].offset, places[n].numel).view_as(t))
 
     # -- export -----------------------------------------------------------------------
 

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from d2m_dist.ckpt.checkpoint import CheckpointDir, rng_state, set_rng_state
+from d2m_dist.ckpt.checkpoint import CheckpointDir
+from d2m_dist.ckpt.export import ExportedStateReader
 from d2m_dist.config import ConfigError, StageConfig, to_dict
 from d2m_dist.data.errors import DataError
 from d2m_dist.data.stream import expand_shard_urls
@@ -34,6 +35,7 @@ from d2m_dist.distill import losses as L
 from d2m_dist.distill.batches import BATCH_SOURCES, make_batches
 from d2m_dist.distill.ema import StudentEMA
 from d2m_dist.distill.metrics import block_usage, expert_load, flatten_metrics
+from d2m_dist.distill.resume import export_plan, load_checkpoint, save_checkpoint
 from d2m_dist.distill.stages import (
     StageRecipe,
     apply_recipe_to_student,
@@ -75,6 +77,14 @@ ARCH_KEYS = ("num_layers", "num_single_layers", "num_attention_heads", "attentio
 # ----------------------------------------------------------------------------- checks before any work
 
 
+def auto_ep_size(world: int, meta: StudentMeta, zero_stage: int) -> int:
+    """``parallel.ep_size: 0``: the largest size dividing the world and every site's expert count."""
+    if zero_stage == 3:
+        return 1  # DeepSpeed refuses its MoE under ZeRO-3
+    counts = [MoESpec.parse(text).num_experts for text in meta.site_specs.values()]
+    return max(d for d in range(1, world + 1) if world % d == 0 and all(n % d == 0 for n in counts))
+
+
 def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe]:
     recipe = stage_recipe(cfg)
     init = Path(cfg.init)
@@ -86,6 +96,8 @@ def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe
         a, b = teacher_cfg.get(key), meta.base_model.get(key)
         if a is not None and b is not None and a != b:
             raise ConfigError(f"teacher {cfg.teacher.path} and student {init} disagree on {key}: {a} vs {b}")
+    if cfg.parallel.ep_size == 0:
+        cfg.parallel.ep_size = auto_ep_size(world, meta, recipe.zero_stage)
     ep = cfg.parallel.ep_size
     if world % ep:
         raise ConfigError(f"parallel.ep_size={ep} does not divide the world size {world}")
@@ -119,6 +131,9 @@ class StageTrainer:
         self.cfg = cfg
         # user errors first: before process groups, DeepSpeed or any weights
         self.meta, self.recipe = check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        self.ckpt = CheckpointDir(Path(cfg.run_dir) / f"stage{cfg.stage}" / "checkpoints", cfg.ckpt.keep)
+        # the checkpoint to resume (every file's header checked), or the exported state to start from
+        self._reader = self.ckpt.open() or (ExportedStateReader(cfg.init) if cfg.ckpt.init_state else None)
         self.info: DistInfo = init_distributed(cfg.device)
         self.stage_dir = Path(cfg.run_dir) / f"stage{cfg.stage}"
         self.device = self.info.device
@@ -127,6 +142,7 @@ class StageTrainer:
         self.ep_group = ep_group = dss.expert_group(cfg.parallel.ep_size)
         # fp32 master weights whatever the folder's storage dtype: bf16 runs as autocast
         student = load_student(cfg.init, ep_group=ep_group, dtype=torch.float32)
+        init_names = {id(p): name for name, p in student.named_parameters()}  # before MoB groups rename blocks
         self.mob_added = cfg.mob.enabled and not mob_groups(student)
         if self.mob_added:
             apply_mob(student, cfg.mob)
@@ -135,12 +151,12 @@ class StageTrainer:
         self.aux_losses = routers_train(student)
         self.engine = dss.student_engine(student.to(self.device), cfg, self.info, self.recipe.zero_stage)
         self.student = self.engine.module
+        self.export_plan = export_plan(self.student, init_names, parse_dtype(self.meta.dtype))
         self.ema = StudentEMA(self.student, cfg.ema.decay, ep_group) if cfg.ema.enabled else None
         self.teacher = FrozenTeacher(cfg.teacher, self.device, autocast_bf16=dss.use_bf16(cfg, self.info),
                                      micro_batch=cfg.data.batch_size)
         guidance = cfg.data.guidance if cfg.data.guidance is not None else default_guidance(cfg.teacher.path)
         self.batches = make_batches(cfg, self.info, self.teacher.config, guidance)
-        self.ckpt = CheckpointDir(self.stage_dir / "checkpoints", cfg.ckpt.keep)
         self.step = 0
         # step attempts so far, applied or skipped: it picks the batches and the noise, so a
         # skipped step's retry draws new ones instead of repeating what failed
@@ -164,49 +180,39 @@ class StageTrainer:
     # -- setup pieces ----------------------------------------------------------------
 
     def _resume(self) -> None:
-        client = self.ckpt.load(self.engine, layout=self._layout())
-        if client is None:
+        reader, self._reader = self._reader, None
+        if reader is None:
             return
-        self.step = int(client["step"])
-        self.draws = int(client.get("draws", self.step + int(client.get("skipped_steps", 0))))
-        self.skipped_steps = int(client.get("skipped_steps", 0))
-        self.history = client.get("history", self.history)
-        self.fixed_loss = client.get("fixed_loss", {})
-        self.last_load = client.get("last_load", {})
-        set_rng_state(client["rng"][self.info.rank] if isinstance(client["rng"], list) else client["rng"])
-        # each rank's own data position: DeepSpeed writes the client state from rank 0 alone under
-        # ZeRO-1/2, so the position lives in the rank's own file
-        rank_state = self.ckpt.load_rank_state() or {}
-        self.batches.load_state_dict(rank_state["data"] if "data" in rank_state else client.get("data", {}))
-        if self.ema is not None:
-            try:
-                self.ema.load_state_dict(rank_state.get("ema"))
-            except ValueError as exc:
-                raise ConfigError(f"{self.ckpt.root / self.ckpt.latest()}: {exc}") from None
-        log.info("resumed from %s at step %d", self.ckpt.latest(), self.step)
-
-    def _client_state(self) -> Dict:
-        rngs = [None] * self.info.world
-        if dist.is_initialized() and self.info.world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        return {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped_steps, "history": self.history,
-                "rng": rngs, "last_load": self.last_load, "fixed_loss": self.fixed_loss,
-                "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None}
-
-    def _rank_state(self) -> Dict:
-        state = {"data": self.batches.state_dict()}
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
+        counters = load_checkpoint(reader, engine=self.engine, ema=self.ema, batches=self.batches,
+                                   layout=self._layout(), rank=self.info.rank, seed=self.cfg.seed)
+        self.step = int(counters["step"])
+        self.draws = int(counters["draws"])
+        self.skipped_steps = int(counters["skipped_steps"])
+        self.history = counters["history"]
+        self.fixed_loss = counters["fixed_loss"]
+        self.last_load = counters["last_load"]
+        log.info("resumed from %s at step %d", reader.folder, self.step)
 
     def _layout(self) -> Dict:
         return {"world_size": self.info.world, "ep_size": self.cfg.parallel.ep_size,
                 "zero_stage": self.recipe.zero_stage}
 
     def _save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self._client_state(), self._rank_state(), self._layout())
+        counters = {"step": self.step, "draws": self.draws, "skipped_steps": self.skipped_steps,
+                    "history": self.history, "fixed_loss": self.fixed_loss, "last_load": self.last_load,
+                    "wandb_run_id": self.tracker.run_id if hasattr(self, "tracker") else None,
+                    "export": {"stage": self.cfg.stage, "init": str(Path(self.cfg.init).resolve()),
+                               "student_meta": json.loads(self.student_meta("last").to_json()),
+                               "tensors": self.export_plan}}
+        save_checkpoint(self.ckpt, step=self.step, engine=self.engine, ema=self.ema, batches=self.batches,
+                        counters=counters, layout=self._layout(), rank=self.info.rank)
+
+    def student_meta(self, weights: str) -> StudentMeta:
+        """The portable format's metadata of this stage's student (``weights``: what the weights are)."""
+        meta = self.meta
+        mob = to_dict(self.cfg.mob) if self.mob_added else meta.mob
+        return StudentMeta(meta.base_model, meta.moe, meta.site_specs, mob, meta.dtype,
+                           {**meta.extra, "stage": self.cfg.stage, "step": self.step, "weights": weights})
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
@@ -485,12 +491,8 @@ def export_student(trainer: "StageTrainer") -> Optional[Path]:
         sd.update(trainer.ema.full_state_dict())  # collective
     if not trainer.info.is_main:
         return None
-    meta = trainer.meta
-    mob = to_dict(trainer.cfg.mob) if trainer.mob_added else meta.mob
-    out_meta = StudentMeta(meta.base_model, meta.moe, meta.site_specs, mob, meta.dtype,
-                           {**meta.extra, "stage": trainer.cfg.stage, "step": trainer.step,
-                            "weights": f"ema {trainer.cfg.ema.decay}" if ema else "last"})
-    sd = to_storage_dtype(sd, parse_dtype(meta.dtype))
+    out_meta = trainer.student_meta(f"ema {trainer.cfg.ema.decay}" if ema else "last")
+    sd = to_storage_dtype(sd, parse_dtype(trainer.meta.dtype))
     try:
         provenance = read_provenance(trainer.cfg.init)
     except ConfigError:

@@ -173,3 +173,66 @@ def test_uint8_images_and_single_process(digit_shards):
     images, _ = load_digits_arrays()
     for i, key in enumerate(b["key"]):
         assert torch.equal(b["image"][i, :, :, 0], torch.from_numpy(images[int(key)]))
+
+
+def _take_until_leftovers_done(stream):
+    """The batches ``stream.forever()`` reads from other ranks' epoch rests, and the first one after them."""
+    out = []
+    it = stream.forever()
+    while True:
+        batch = next(it)
+        if not stream.leftovers:  # popped: this batch opened the stream's own next epoch
+            return out, batch
+        out.append(batch)
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_a_layout_change_within_an_epoch_reads_every_sample_once(digit_shards, new_world):
+    """2 ranks stop at different points of epoch 0; ``new_world`` ranks take over: over the epoch every one
+    of the 40 samples is read exactly once, and the next epoch (new layout) again reads each once."""
+    old = [ShardStream(_cfg(digit_shards, rank=r, world_size=2, num_workers=1)) for r in range(2)]
+    seen = []
+    for stream, n in zip(old, (3, 1)):  # rank 0 read 3 batches, rank 1 one
+        seen += _keys(list(islice(iter(stream), n)))
+    states = json.loads(json.dumps([s.state_dict() for s in old]))  # as in a checkpoint
+    new = [ShardStream(_cfg(digit_shards, rank=r, world_size=new_world, num_workers=1)) for r in range(new_world)]
+    rest, continuations = [], []
+    for stream in new:
+        stream.redistribute(states)
+        batches, first_of_next = _take_until_leftovers_done(stream)
+        rest += _keys(batches)
+        continuations.append((stream, first_of_next))
+    everything = [f"{i:09d}" for i in range(40)]
+    assert sorted(seen + rest) == everything  # epoch 0: each sample exactly once across the change
+    assert len(seen) < 40 and rest  # it really changed layout mid-epoch
+    # the next epoch runs in the new layout: each sample once again
+    epoch1 = []
+    for stream, first_of_next in continuations:
+        assert stream.epoch == 1
+        epoch1 += _keys([first_of_next] + list(iter(stream)))
+    assert sorted(epoch1) == everything
+
+
+def test_leftovers_resume_exactly_in_the_same_layout(digit_shards):
+    old = [ShardStream(_cfg(digit_shards, rank=r, world_size=2, num_workers=1)) for r in range(2)]
+    for stream in old:
+        list(islice(iter(stream), 2))
+    states = [s.state_dict() for s in old]
+    a = ShardStream(_cfg(digit_shards, rank=0, world_size=1, num_workers=1))
+    a.redistribute(states)
+    it = a.forever()
+    head = [next(it) for _ in range(3)]  # inside the first old rank's rest
+    assert a.leftovers
+    b = ShardStream(_cfg(digit_shards, rank=0, world_size=1, num_workers=1))
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    uninterrupted = [next(it) for _ in range(8)]
+    resumed = list(islice(b.forever(), 8))
+    assert _same(resumed, uninterrupted) and head
+
+
+def test_resampled_mode_starts_afresh_after_a_layout_change(digit_shards, caplog):
+    old = ShardStream(_cfg(digit_shards, mode="resampled", rank=0, world_size=2))
+    list(islice(iter(old), 2))
+    new = ShardStream(_cfg(digit_shards, mode="resampled", rank=0, world_size=1))
+    assert new.redistribute([old.state_dict(), old.state_dict()]) == []
+    assert "has no epochs to share out" in caplog.text and not new.leftovers

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from d2m_dist.ckpt.checkpoint import CheckpointDir, CheckpointError, FragmentWriter
+from d2m_dist.ckpt.fragments import placements
 from d2m_dist.distill.ema import StudentEMA
 
 
@@ -32,20 +34,34 @@ def test_ema_follows_the_recurrence_and_skips_frozen():
     assert not torch.equal(full["0.weight"], m[0].weight.detach())
 
 
-def test_ema_state_round_trip_and_mismatch():
+def _checkpoint(tmp_path, ema: StudentEMA, model):
+    """The EMA written into a real checkpoint folder, and its reader."""
+    writer = FragmentWriter()
+    ema.write(writer, placements(model), rank=0, ep_size=1)
+    ckpt = CheckpointDir(tmp_path / "ckpt")
+    ckpt.save(1, {"step": 1}, {}, writer)
+    return ckpt.open()
+
+
+def test_ema_checkpoint_round_trip_and_mismatch(tmp_path):
     m = _model()
     a = StudentEMA(m, decay=0.5)
     with torch.no_grad():
         m[0].bias.fill_(2.0)
     a.update()
+    reader = _checkpoint(tmp_path, a, m)
     b = StudentEMA(_model(), decay=0.5)
-    b.load_state_dict(a.state_dict())
+    b.read(reader, placements(m))
     assert all(torch.equal(b.shadow[k], a.shadow[k]) for k in a.shadow)
-    with pytest.raises(ValueError, match="no EMA state"):
-        b.load_state_dict(None)
-    with pytest.raises(ValueError, match="other parameters"):
-        StudentEMA(nn.Linear(3, 4), 0.5).load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="same world size"):
-        StudentEMA(nn.Sequential(nn.Linear(3, 5)), 0.5).load_state_dict(a.state_dict())
+    empty = CheckpointDir(tmp_path / "none")
+    empty.save(1, {"step": 1}, {}, FragmentWriter())
+    with pytest.raises(CheckpointError, match="no EMA"):
+        b.read(empty.open(), placements(m))
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="no EMA of 1.weight"):
+        StudentEMA(other, 0.5).read(reader, placements(other))
+    wider = nn.Sequential(nn.Linear(3, 5))
+    with pytest.raises(CheckpointError, match="holds 12 of the 15 elements"):
+        StudentEMA(wider, 0.5).read(reader, placements(wider))
     with pytest.raises(ValueError, match="decay"):
         StudentEMA(m, 1.0)
