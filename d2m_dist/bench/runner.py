@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from d2m_dist.bench import data, mob, partition, step
+from d2m_dist.bench import data, export, mob, partition, step
 from d2m_dist.bench.common import machine, table
 from d2m_dist.config import CalibrationConfig, ConfigError
 from d2m_dist.digits.batches import digits_batches
@@ -56,7 +56,13 @@ def _bench_step(kv: Dict[str, str]):
     return rows, list(rows[0])
 
 
-BENCHMARKS = {"mob": _bench_mob, "partition": _bench_partition, "data": _bench_data, "step": _bench_step}
+def _bench_export(kv: Dict[str, str]):
+    rows = export.run(teacher=kv.pop("teacher", "meta:flux1-dev"), spec=kv.pop("spec", "1S12E2A"),
+                      workdir=kv.pop("workdir", None))
+    return rows, list(rows[0])
+
+
+BENCHMARKS = {"export": _bench_export, "mob": _bench_mob, "partition": _bench_partition, "data": _bench_data, "step": _bench_step}
 
 
 def run_benchmark(name: str, overrides: Sequence[str], out: Optional[str] = None) -> int:
