@@ -138,7 +138,10 @@ d2m_run_distributed() {
   echo "slurm/common.sh: $(date +%T) job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $SLURM_NNODES node(s) [$SLURM_JOB_NODELIST]," \
        "$D2M_LAUNCH x $D2M_NPROC_PER_NODE per node, rendezvous $MASTER_ADDR:$MASTER_PORT: d2m $*"
   d2m_trap
-  d2m_launch srun --ntasks-per-node="$ntasks" --nodes="$SLURM_NNODES" --kill-on-bad-exit=0 \
+  # --ntasks explicitly: the batch environment keeps SLURM_NTASKS from submission, which is stale when a
+  # requeued job comes back on another node count (srun: "More processors requested than permitted")
+  d2m_launch srun --ntasks=$(( ntasks * SLURM_NNODES )) --ntasks-per-node="$ntasks" --nodes="$SLURM_NNODES" \
+    --kill-on-bad-exit=0 \
     bash "$D2M_REPO/slurm/common.sh" --task "$@"
   local code
   code=$(cat "$D2M_STATUS_FILE" 2>/dev/null || true)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from d2m_dist.models.portable import read_state_dict
+from tests.distill.launch import launch
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multiproc]
@@ -82,24 +83,66 @@ def test_two_node_stage2_completes(slurm, tmp_path, digits_teacher, digits_stude
     assert (tmp_path / "run" / "stage2" / "export" / "d2m_config.json").is_file()
 
 
-def test_preempt_requeue_resume_equals_uninterrupted(slurm, tmp_path, digits_teacher, digits_student):
-    steps = 24
-    full, part = tmp_path / "full", tmp_path / "part"
-    full.mkdir(), part.mkdir()
-    a = sbatch(slurm, full, "-N", 2, REPO / "slurm" / "stage2.sh", *stage2_args(full / "run", digits_teacher, digits_student, steps))
-    b = sbatch(slurm, part, "-N", 2, REPO / "slurm" / "stage2.sh", *stage2_args(part / "run", digits_teacher, digits_student, steps))
-    assert wait(slurm, a)["JobState"] == "COMPLETED", log_of(full, "d2m-stage2", a)[-3000:]
+def test_requeue_and_resubmit_on_other_node_counts_equal_a_run_without_slurm(slurm, tmp_path, digits_teacher,
+                                                                             digits_student, request, monkeypatch):
+    """A 2-node job preempted comes back on 1 node, then a 2-node job continues its run.
+
+    ``parallel.ep_size=0`` picks the expert-parallel size from the world the job got. A constant learning
+    rate makes a run's first steps independent of its ``steps``, so the reference without Slurm
+    (launchers/local.sh: 2 ranks to the preempted step, 1 rank, 2 ranks) can stop where the job was preempted.
+    """
+    args = stage2_args(tmp_path / "run", digits_teacher, digits_student, 40)[1:] + ["parallel.ep_size=0",
+                                                                                 "optim.decay=constant"]
+    config = REPO / "configs" / "digits" / "stage2.yaml"
+    a = sbatch(slurm, tmp_path, "-N", 2, REPO / "slurm" / "stage2.sh", config, *args)
+    request.addfinalizer(lambda: subprocess.run(["scancel", a], env=slurm, check=False))  # a failed test's leftovers
     t0 = time.time()
-    while "step 8/24" not in log_of(part, "d2m-stage2", b):
-        assert time.time() - t0 < 600 and job(slurm, b)["JobState"] in ("PENDING", "RUNNING"), log_of(part, "d2m-stage2", b)[-3000:]
+    while "step 3/40" not in log_of(tmp_path, "d2m-stage2", a):
+        assert time.time() - t0 < 600 and job(slurm, a)["JobState"] in ("PENDING", "RUNNING"), \
+            log_of(tmp_path, "d2m-stage2", a)[-3000:]
         time.sleep(0.5)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", b], env=slurm, check=True)
-    j = wait(slurm, b, timeout=900)  # the requeued job passes through PENDING, runs again and completes
-    out = log_of(part, "d2m-stage2", b)
-    assert j["JobState"] == "COMPLETED" and j["Restarts"] == "1", (j, out[-4000:])
-    assert "got USR1" in out and "stopped by signal" in out and "requeueing job" in out, out[-4000:]
-    assert "resumed from" in out and "step ended with code 0 (restart 1)" in out, out[-4000:]
-    wa, wb = read_state_dict(full / "run" / "stage2" / "export"), read_state_dict(part / "run" / "stage2" / "export")
+    # a job that takes one node as soon as the preempted one frees both; the requeued job, pending
+    # for want of nodes, is then changed to one node (as a user would) and starts on the other
+    blocker = sbatch(slurm, tmp_path, "-N", 1, "--job-name=blocker", "--wrap", "sleep 900")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", a], env=slurm, check=True)
+    try:
+        wait(slurm, blocker, until={"RUNNING"})
+        t0 = time.time()
+        while not (job(slurm, a).get("Restarts") == "1" and job(slurm, a)["JobState"] == "PENDING"):
+            assert time.time() - t0 < 300, (job(slurm, a), log_of(tmp_path, "d2m-stage2", a)[-3000:])
+            time.sleep(1)
+        # a bare NumNodes=1 only lowers the minimum; tasks and CPUs (one per node here) must follow
+        subprocess.run(["scontrol", "update", f"JobId={a}", "NumNodes=1-1", "NumTasks=1", "NumCPUs=1"], env=slurm,
+                       check=True)
+        assert "node=1," in job(slurm, a)["TRES"], job(slurm, a)  # (NumNodes shows the last allocation's)
+        wait(slurm, a, until={"RUNNING"} | DONE)
+    finally:
+        subprocess.run(["scancel", blocker], env=slurm, check=False)
+    j = wait(slurm, a, timeout=900)
+    out = log_of(tmp_path, "d2m-stage2", a)
+    assert j["JobState"] == "COMPLETED", (j, out[-4000:])
+    assert "restart 0: 2 node(s)" in out and "restart 1: 1 node(s)" in out and "requeueing job" in out, out[-4000:]
+    assert "world_size 2, ep_size 2, ZeRO-2; continuing with world_size 1, ep_size 1" in out, out[-4000:]
+    preempted = int(re.search(r"resumed from \S+ at step (\d+)", out).group(1))
+    assert 3 <= preempted < 40
+    # the other way round: a 2-node job continues the 1-node job's checkpoint
+    b = sbatch(slurm, tmp_path, "-N", 2, REPO / "slurm" / "stage2.sh", config, *args, "steps=48")
+    j = wait(slurm, b)
+    out = log_of(tmp_path, "d2m-stage2", b)
+    assert j["JobState"] == "COMPLETED", out[-4000:]
+    assert "world_size 1, ep_size 1, ZeRO-2; continuing with world_size 2, ep_size 2" in out, out[-4000:]
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    # one thread per process, as the Slurm tasks run (slurm/common.sh): a 1-rank run on 2 threads sums
+    # its matmuls in another order (4e-8 apart after 40 steps)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ref_args = stage2_args(ref / "run", digits_teacher, digits_student, 40)[1:] + ["parallel.ep_size=0",
+                                                                                "optim.decay=constant"]
+    for nproc, steps in ((2, preempted), (1, 40), (2, 48)):
+        p = launch(config, nproc, *ref_args, f"steps={steps}", timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    wa, wb = read_state_dict(tmp_path / "run" / "stage2" / "export"), read_state_dict(ref / "run" / "stage2" / "export")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
