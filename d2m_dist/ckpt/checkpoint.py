@@ -155,8 +155,13 @@ class CheckpointDir:
             tmp_latest.write_text(tag + "\n")
             _fsync(tmp_latest)
             os.replace(tmp_latest, self.root / LATEST)
-            for old in self.tags()[: -self.keep]:
+            # prune only what is older than the checkpoint just written (a newer tag left by a crash
+            # before `latest` moved is never counted against it), and crashed saves' temporary folders
+            older = [t for t in self.tags() if int(TAG_RE.match(t).group(1)) < step]
+            for old in older[: max(0, len(older) - (self.keep - 1))]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+            for stale in self.root.glob(".tmp-step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         return self.root / tag
 
@@ -204,7 +209,8 @@ class CheckpointReader:
                 if handle.metadata.get("format") != FORMAT:
                     raise ValueError("not written by d2m")
             except Exception as exc:  # a damaged or foreign file: never unpickled, refused by name
-                raise CheckpointError(f"checkpoint file {path}: unreadable ({str(exc).splitlines()[0]})") from None
+                first = (str(exc).splitlines() or [type(exc).__name__])[0]
+                raise CheckpointError(f"checkpoint file {path}: unreadable ({first})") from None
             self._files[rank] = handle
         return self._files[rank]
 

@@ -99,7 +99,10 @@ def export(path: str | Path, out: str | Path, *, weights: str = "last", optimize
             raise CheckpointError(f"init folder {init_dir} has no tensor {name}")
         file = init_files[name]
         if file not in handles:
-            handles[file] = TensorFile(init_dir / file)
+            try:
+                handles[file] = TensorFile(init_dir / file)
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"init folder file {init_dir / file}: unreadable ({exc})") from None
         return handles[file].read(name)
 
     tensors = plan["tensors"]  # [name, storage dtype, global shape, source]
@@ -176,12 +179,17 @@ class ExportedStateReader:
         if not state_file.is_file():
             raise CheckpointError(f"init {self.folder}: no {TRAINING_STATE_FILE} (export it with --optimizer to start "
                                   f"from its training state)")
-        self.meta = json.loads(state_file.read_text())
-        self.meta["layout"] = {"exported": True, **self.meta.get("layout", {})}
-        self._data = self.meta.pop("data")
-        index = self.folder / f"{OPTIMIZER_FILE}.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [OPTIMIZER_FILE]
-        self._handles = [TensorFile(self.folder / f) for f in files]
+        try:
+            self.meta = json.loads(state_file.read_text())
+            self.meta["layout"] = {"exported": True, **self.meta.get("layout", {})}
+            self._data = self.meta.pop("data")
+            index = self.folder / f"{OPTIMIZER_FILE}.index.json"
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+                else [OPTIMIZER_FILE]
+            self._handles = [TensorFile(self.folder / f) for f in files]
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"init {self.folder}: training state unreadable ({first})") from None
         self._where = {k: h for h in self._handles for k in h.keys()}
 
     @property

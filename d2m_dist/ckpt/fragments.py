@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -93,15 +93,19 @@ def local_fragment(p: nn.Parameter) -> Optional[Tuple[int, Dict[str, torch.Tenso
     return address.start, {k: v.reshape(-1) for k, v in values.items()}
 
 
-def set_local_fragment(p: nn.Parameter, values: Dict[str, torch.Tensor]) -> None:
-    """Write this rank's fragment of ``p`` from ``values`` (kind -> the whole local tensor, any shape)."""
+def set_local_fragment(p: nn.Parameter, read: Callable[[str, int, int], torch.Tensor]) -> None:
+    """Write this rank's fragment of ``p``; ``read(kind, start, numel)`` gives a range of the local flattened tensor.
+
+    Only the ranges this rank holds are read, so a resume reads each stored element about once over all ranks.
+    """
     if _zero3(p):
         start, size = _zero3_partition(p)
-        for kind, full in values.items():
-            padded = torch.zeros(start + size, dtype=torch.float32)
-            flat = full.reshape(-1).float()
-            padded[: min(flat.numel(), start + size)] = flat[: start + size]
-            part = padded[start : start + size].to(p.ds_tensor.device)
+        numel = max(0, min(size, p.ds_numel - start))
+        for kind in KINDS:
+            part = torch.zeros(size, dtype=torch.float32)  # the last rank's partition ends in padding
+            if numel:
+                part[:numel] = read(kind, start, numel)
+            part = part.to(p.ds_tensor.device)
             if kind == "fp32":
                 safe_set_local_fp32_param(p, part)
             else:
@@ -111,9 +115,9 @@ def set_local_fragment(p: nn.Parameter, values: Dict[str, torch.Tensor]) -> None
     if mapping is None:
         return
     address = mapping.lp_fragment_address
-    for kind, full in values.items():
+    for kind in KINDS:
         target = mapping.get_hp_fragment(None if kind == "fp32" else kind)
-        target.data.copy_(full.reshape(-1)[address.start : address.start + address.numel].to(target))
+        target.data.copy_(read(kind, address.start, address.numel).reshape(target.shape).to(target))
 
 
 def base_optimizer(engine):

@@ -235,7 +235,7 @@ class ShardStream:
         while self.leftovers:
             rest = self._leftover_stream(self.leftovers[0])
             for batch in rest:
-                self.leftovers[0] = rest.state_dict()
+                self.leftovers[0] = {**rest.state_dict(), "skips": {}}  # counted here, not again on resume
                 self.skips.merge(rest.skips.as_dict())
                 rest.skips = SkipCounter()
                 yield batch
@@ -285,10 +285,16 @@ class ShardStream:
             self._pos = _Position.start(max(s["position"]["epoch"] for s in states) + 1, self.num_workers)
             return []
         last_epoch = max(s["position"]["epoch"] for s in states)
+        for st in states:
+            self._check_leftover_layout(st["layout"])
+        if self.rank == 0:  # the old ranks' skip totals live on in rank 0's counter; their rests start at none
+            for st in states:
+                self.skips.merge(st.get("skips", {}))
         rests: List[Dict[str, Any]] = []
         owners: List[int] = []
         for old_rank, st in enumerate(states):
             pending = list(st.get("leftovers", [])) + [{k: v for k, v in st.items() if k != "leftovers"}]
+            pending = [{**rest, "skips": {}} for rest in pending]
             workers = st["layout"]["num_workers"]
             # epochs this old rank had not reached yet are owed whole
             pending += [{**pending[-1], "position": asdict(_Position.start(e, workers)), "skips": {}}
@@ -300,12 +306,24 @@ class ShardStream:
         self._pos = _Position.start(last_epoch + 1, self.num_workers)
         return sorted({owners[i] for i in mine})
 
+    def _check_leftover_layout(self, saved: Dict[str, Any]) -> None:
+        """An old rank's rest can be regenerated only from the same shards, read as the same kind."""
+        if saved["num_shards"] != len(self.urls) or saved["kind"] != self.cfg.kind:
+            raise DataError(f"data.urls: the checkpoint's stream read {saved['num_shards']} {saved['kind']} shards, "
+                            f"these are {len(self.urls)} {self.cfg.kind}: the rest of its epoch cannot be shared out "
+                            f"(restore the shards, or start the stage afresh)")
+
     def _leftover_stream(self, state: Dict[str, Any]) -> "ShardStream":
-        """The old rank's stream that ``state`` describes, positioned where it stopped."""
+        """The old rank's stream that ``state`` describes, positioned where it stopped: every setting its order
+        depends on comes from the saved layout, so it reads exactly the old rank's rest of that epoch."""
         saved = state["layout"]
+        self._check_leftover_layout(saved)
         workers = self.cfg.num_workers if saved["num_workers"] == self.num_workers else saved["num_workers"]
+        buckets = [list(b) for b in saved["buckets"]] if saved.get("buckets") else self.cfg.buckets
         cfg = dataclasses.replace(self.cfg, rank=saved["rank"], world_size=saved["world_size"], num_workers=workers,
-                                  batch_size=saved["batch_size"], seed=saved["seed"])
+                                  batch_size=saved["batch_size"], seed=saved["seed"], mode=saved["mode"],
+                                  shuffle_buffer=saved["shuffle_buffer"], shuffle_initial=saved["shuffle_initial"],
+                                  drop_last=saved["drop_last"], buckets=buckets)
         stream = ShardStream(cfg)
         stream.load_state_dict({k: v for k, v in state.items() if k != "leftovers"})
         return stream

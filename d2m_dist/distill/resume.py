@@ -19,13 +19,14 @@ generators), so they matter only for reproducibility of that one resume.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 
 from d2m_dist.ckpt.checkpoint import CheckpointDir, CheckpointError, CheckpointReader, FragmentWriter, capture_rng, restore_rng
 from d2m_dist.ckpt.fragments import (
-    KINDS,
     adam_step,
     ensure_adam_state,
     local_fragment,
@@ -79,20 +80,27 @@ def load_checkpoint(reader: CheckpointReader, *, engine, ema, batches, layout: D
                               f"when the checkpoint was written: same trainable groups, or start afresh)")
     ensure_adam_state(engine, step=int(meta["adam_step"]))
     for name, p in trainable(model):
-        pl = places[name]
-        set_local_fragment(p, {kind: reader.read(name, kind, pl.offset, pl.numel) for kind in KINDS})
+        offset = places[name].offset  # where this rank's local tensor sits in the global one (experts)
+        set_local_fragment(p, lambda kind, start, numel, name=name, offset=offset:
+                           reader.read(name, kind, offset + start, numel))
     refresh_model_weights(engine)
     _restore_scheduler(engine.lr_scheduler, int(meta["scheduler"]["last_epoch"]), int(meta["scheduler"]["step_count"]))
     engine.global_steps = int(meta.get("step", 0))
     if ema is not None:
         ema.read(reader, places)
-    if same_layout:
-        own = reader.rank_meta(rank)
+    own = reader.rank_meta(rank) if same_layout else None
+    # the data layout can change on its own (data.num_workers, batch_size, mode) at the same world size
+    if own is not None and own["data"].get("layout") == batches.state_dict().get("layout"):
         batches.load_state_dict(own["data"])
-        restore_rng(reader, rank, own["rng"])
     else:
         batches.load_elastic_state([reader.rank_meta(r)["data"] for r in range(reader.world_size)])
-        torch.manual_seed(seed * 1_000_003 + int(meta.get("step", 0)) * 131 + rank)
+    if own is not None:
+        restore_rng(reader, rank, own["rng"])
+    else:
+        derived = seed * 1_000_003 + int(meta.get("step", 0)) * 131 + rank
+        torch.manual_seed(derived)
+        random.seed(derived)
+        np.random.seed(derived % 2**32)
     return meta
 
 

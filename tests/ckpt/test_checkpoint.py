@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,17 @@ def test_save_is_atomic_keeps_the_newest_and_resaves_a_step(tmp_path):
     _save(ckpt, 3, torch.full((5,), 9.0))  # a signal right after a periodic save of the same step
     assert torch.equal(ckpt.open().read("w", "fp32", 0, 5), torch.full((5,), 9.0))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
-    # a crash mid-save leaves a temporary folder that `latest` never names
-    (tmp_path / ".tmp-step_4").mkdir()
-    assert ckpt.latest() == "step_3"
-    (tmp_path / LATEST).write_text("step_9\n")
-    with pytest.raises(CheckpointError, match="step_9 named by"):
+    # crashes leave a temporary folder (killed mid-save) and a complete newer tag that `latest` never
+    # named (killed between the rename and `latest`): the next save removes the first, and never
+    # counts the second against the checkpoint it just wrote
+    (tmp_path / ".tmp-step_7").mkdir()
+    shutil.copytree(tmp_path / "step_3", tmp_path / "step_9")
+    _save(CheckpointDir(tmp_path, keep=1), 4, torch.full((5,), 4.0))
+    assert ckpt.latest() == "step_4" and ckpt.tags() == ["step_4", "step_9"]
+    assert torch.equal(ckpt.open().read("w", "fp32", 0, 5), torch.full((5,), 4.0))
+    assert not (tmp_path / ".tmp-step_7").exists()
+    (tmp_path / LATEST).write_text("step_11\n")
+    with pytest.raises(CheckpointError, match="step_11 named by"):
         ckpt.latest()
 
 

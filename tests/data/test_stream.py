@@ -186,16 +186,18 @@ def _take_until_leftovers_done(stream):
         out.append(batch)
 
 
-@pytest.mark.parametrize("new_world", [1, 3])
-def test_a_layout_change_within_an_epoch_reads_every_sample_once(digit_shards, new_world):
-    """2 ranks stop at different points of epoch 0; ``new_world`` ranks take over: over the epoch every one
-    of the 40 samples is read exactly once, and the next epoch (new layout) again reads each once."""
+@pytest.mark.parametrize("new_world,new_workers", [(1, 1), (3, 1), (2, 2)])
+def test_a_layout_change_within_an_epoch_reads_every_sample_once(digit_shards, new_world, new_workers):
+    """2 ranks stop at different points of epoch 0; ``new_world`` ranks (or the same 2 with another worker
+    count) take over: over the epoch every one of the 40 samples is read exactly once, and the next epoch
+    (new layout) again reads each once."""
     old = [ShardStream(_cfg(digit_shards, rank=r, world_size=2, num_workers=1)) for r in range(2)]
     seen = []
     for stream, n in zip(old, (3, 1)):  # rank 0 read 3 batches, rank 1 one
         seen += _keys(list(islice(iter(stream), n)))
     states = json.loads(json.dumps([s.state_dict() for s in old]))  # as in a checkpoint
-    new = [ShardStream(_cfg(digit_shards, rank=r, world_size=new_world, num_workers=1)) for r in range(new_world)]
+    new = [ShardStream(_cfg(digit_shards, rank=r, world_size=new_world, num_workers=new_workers))
+           for r in range(new_world)]
     rest, continuations = [], []
     for stream in new:
         stream.redistribute(states)
@@ -236,3 +238,13 @@ def test_resampled_mode_starts_afresh_after_a_layout_change(digit_shards, caplog
     new = ShardStream(_cfg(digit_shards, mode="resampled", rank=0, world_size=1))
     assert new.redistribute([old.state_dict(), old.state_dict()]) == []
     assert "has no epochs to share out" in caplog.text and not new.leftovers
+
+
+def test_leftovers_of_other_shards_are_refused_in_one_line(digit_shards, tmp_path):
+    old = ShardStream(_cfg(digit_shards, rank=0, world_size=2, num_workers=1))
+    list(islice(iter(old), 1))
+    state = old.state_dict()
+    state["layout"]["num_shards"] += 1  # the checkpoint's stream read another set of shards
+    new = ShardStream(_cfg(digit_shards, rank=0, world_size=1, num_workers=1))
+    with pytest.raises(DataError, match="the rest of its epoch cannot be shared out"):
+        new.redistribute([state, state])
