@@ -10,10 +10,12 @@ Expert parallelism with our own MoE layer (docs/DECISIONS.md has the evidence):
    class) and the attributes the engine reads; expert parameters carry
    ``allreduce=False`` and their group name, so ZeRO reduces them only inside their
    expert-data-parallel group;
-3. state-dict hooks present the stacked experts as DeepSpeed's per-expert modules,
-   so ``save_checkpoint`` writes one file per *global* expert id;
-4. frozen parameters are left out of checkpoints (DeepSpeed would store rank 0's
-   copy of frozen experts for every rank); they come back from the init weights.
+3. state-dict hooks present the stacked experts as DeepSpeed's per-expert modules
+   (DeepSpeed's own MoE code expects them); our checkpoints do not go through
+   DeepSpeed (:mod:`d2m_dist.ckpt`), they store each rank's fragments of the
+   global tensors, experts by global id;
+4. frozen parameters are left out of checkpoints (DeepSpeed's frozen copy would be
+   rank 0's experts for every rank); they come back from the init weights.
 
 This room knows no model class: an expert layer is any module with the
 :class:`ExpertLayer` attributes (``models/moe.MoEFeedForward`` has them).
