@@ -73,6 +73,11 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line (its type name when it has none)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used (damaged, foreign, or lacking a tensor): one line."""
 
@@ -209,8 +214,7 @@ class CheckpointReader:
                 if handle.metadata.get("format") != FORMAT:
                     raise ValueError("not written by d2m")
             except Exception as exc:  # a damaged or foreign file: never unpickled, refused by name
-                first = (str(exc).splitlines() or [type(exc).__name__])[0]
-                raise CheckpointError(f"checkpoint file {path}: unreadable ({first})") from None
+                raise CheckpointError(f"checkpoint file {path}: unreadable ({first_line(exc)})") from None
             self._files[rank] = handle
         return self._files[rank]
 
@@ -242,9 +246,6 @@ class CheckpointReader:
             raise CheckpointError(f"checkpoint {self.folder}: holds {covered} of the {numel} elements of {kind} "
                                   f"{name} at {start} (trainable parameters changed since it was written?)")
         return out
-
-    def close(self) -> None:
-        self._files.clear()
 
 
 # ----------------------------------------------------------------------------- random number generators

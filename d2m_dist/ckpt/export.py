@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from d2m_dist.ckpt.checkpoint import LATEST, META_FILE, TAG_RE, CheckpointError, CheckpointReader
+from d2m_dist.ckpt.checkpoint import LATEST, META_FILE, TAG_RE, CheckpointError, CheckpointReader, first_line
 from d2m_dist.ckpt.streaming import TensorFile, write_sharded
 from d2m_dist.models.flux_config import DTYPES
 from d2m_dist.models.portable import CONFIG_FILE, PROVENANCE_FILE
@@ -102,7 +102,7 @@ def export(path: str | Path, out: str | Path, *, weights: str = "last", optimize
             try:
                 handles[file] = TensorFile(init_dir / file)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"init folder file {init_dir / file}: unreadable ({exc})") from None
+                raise CheckpointError(f"init folder file {init_dir / file}: unreadable ({first_line(exc)})") from None
         return handles[file].read(name)
 
     tensors = plan["tensors"]  # [name, storage dtype, global shape, source]
@@ -188,8 +188,7 @@ class ExportedStateReader:
                 else [OPTIMIZER_FILE]
             self._handles = [TensorFile(self.folder / f) for f in files]
         except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"init {self.folder}: training state unreadable ({first})") from None
+            raise CheckpointError(f"init {self.folder}: training state unreadable ({first_line(exc)})") from None
         self._where = {k: h for h in self._handles for k in h.keys()}
 
     @property
