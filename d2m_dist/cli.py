@@ -227,6 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BAD_INPUT = 2
+
+
+def report_user_error(exc: ConfigError) -> int:
+    """Print ``d2m: error: ...`` once per job, record status 2 for the launcher; the process's exit code.
+
+    Under torchrun every rank runs this. An error that every rank reached alike (raised before the
+    process group existed, or agreed through a collective) is printed by rank 0 alone; another is
+    printed by its rank, tagged. torchrun turns a worker's non-zero exit into its own 1 and a
+    ChildFailedError traceback, so under our launchers (they read the status file) an error of every
+    rank exits 0 and the launcher exits 2; an error of one rank alone exits 2, so that torchrun stops
+    the other ranks at once instead of leaving them blocked in a collective.
+    """
+    rank = int(os.environ.get("RANK", "0") or 0)
+    dist_mod = sys.modules.get("torch.distributed")
+    uniform = exc.everywhere or not (dist_mod is not None and dist_mod.is_available() and dist_mod.is_initialized())
+    reporter = rank == 0 or not uniform
+    if reporter:
+        print(f"d2m: error: {'' if uniform else f'[rank {rank}] '}{exc}", file=sys.stderr)
+    status = os.environ.get("D2M_STATUS_FILE")
+    if status and reporter:
+        Path(status).write_text(f"{EXIT_BAD_INPUT}\n")
+    if uniform and status and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return 0
+    return EXIT_BAD_INPUT
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -238,10 +265,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             return args.func(args)
         except DataError as exc:
-            raise ConfigError(str(exc)) from None
+            raise ConfigError(str(exc), everywhere=getattr(exc, "everywhere", False)) from None
     except ConfigError as exc:
-        print(f"d2m: error: {exc}", file=sys.stderr)
-        return 2
+        return report_user_error(exc)
     except KeyboardInterrupt:
         print("d2m: interrupted", file=sys.stderr)
         return 130

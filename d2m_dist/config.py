@@ -24,7 +24,16 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
+    """A configuration problem, reported to the user as one line.
+
+    ``everywhere``: every rank raises this same error, having agreed on it through a collective,
+    so one rank's report is enough. An error raised before the process group exists is the same
+    on every rank without that (it depends only on the config and the files), and is treated so.
+    """
+
+    def __init__(self, message: str = "", *, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere
 
 
 class Choice(str, Enum):
@@ -57,13 +66,13 @@ LRDecay = choices("LRDecay", "cosine", "linear", "constant")
 StreamMode = choices("StreamMode", "epoch", "resampled")
 
 
-def _positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
     for name, v in values.items():
         if not v > 0:
             raise ConfigError(f"{name} must be > 0, got {v}")
 
 
-def _non_negative(**values: float) -> None:
+def check_non_negative(**values: float) -> None:
     for name, v in values.items():
         if v < 0:
             raise ConfigError(f"{name} must be >= 0, got {v}")
@@ -109,9 +118,9 @@ class MoEConfig:
     capacity_factor: Optional[float] = None
 
     def validate(self) -> None:
-        _non_negative(**{"moe.z_loss_coeff": self.z_loss_coeff})
+        check_non_negative(**{"moe.z_loss_coeff": self.z_loss_coeff})
         if self.capacity_factor is not None:
-            _positive(**{"moe.capacity_factor": self.capacity_factor})
+            check_positive(**{"moe.capacity_factor": self.capacity_factor})
 
 
 @dataclass
@@ -137,6 +146,8 @@ class MoBConfig:
             raise ConfigError(f"mob.alpha: {self.alpha} not in [0, 1]")
         for stream in ("double", "single"):
             g = getattr(self, stream)
+            if g is not None and g.m < 1:
+                raise ConfigError(f"mob.{stream}: m={g.m} must be >= 1")
             if g is not None and not 1 <= g.kappa <= g.m:
                 raise ConfigError(f"mob.{stream}: kappa={g.kappa} must lie in 1..m={g.m}")
 
@@ -160,7 +171,7 @@ class CalibrationConfig:
     guidance: float = 3.5
 
     def validate(self) -> None:
-        _positive(**{"calibration.num_batches": self.num_batches, "calibration.batch_size": self.batch_size,
+        check_positive(**{"calibration.num_batches": self.num_batches, "calibration.batch_size": self.batch_size,
                      "calibration.image_tokens": self.image_tokens, "calibration.text_tokens": self.text_tokens})
         if self.source == "shards" and not self.urls:
             raise ConfigError("calibration.urls must name the precomputed shards when calibration.source=shards")
@@ -188,6 +199,7 @@ class ConvertConfig:
     def validate(self) -> None:
         for part in (self.moe, self.mob, self.calibration):
             part.validate()
+        check_positive(**{"partition.cluster_iters": self.partition.cluster_iters})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -277,6 +289,10 @@ class TrainDataConfig:
     mode: StreamMode = StreamMode("epoch")
     # value fed to the guidance embedding; None: the digits teacher's card, else 3.5 (FLUX.1-dev)
     guidance: Optional[float] = None
+    # the run stops (one line, exit 2) when more than this share of the samples read so far, over all
+    # ranks, were skipped as bad input; checked at every log step once skip_check_after samples were read
+    max_skipped_fraction: float = 0.05
+    skip_check_after: int = 256
 
 
 @dataclass
@@ -378,20 +394,23 @@ class StageConfig:
         if self.init is None:
             self.init = str(Path(self.run_dir) / ("stage0" if self.stage == 1 else f"stage{self.stage - 1}/export"))
         o = self.optim
-        _positive(steps=self.steps, **{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum,
+        check_positive(steps=self.steps, **{"optim.lr": o.lr, "optim.grad_accum": o.grad_accum,
                                        "data.batch_size": self.data.batch_size,
                                        "max_bad_steps": self.max_bad_steps})
-        _non_negative(**{"parallel.ep_size": self.parallel.ep_size,
+        check_non_negative(**{"parallel.ep_size": self.parallel.ep_size,
                          "optim.weight_decay": o.weight_decay, "optim.warmup_steps": o.warmup_steps,
                          "optim.grad_clip": o.grad_clip, "optim.min_lr_ratio": o.min_lr_ratio,
                          "data.num_workers": self.data.num_workers, "ckpt.every": self.ckpt.every,
                          "log.sample_every": self.log.sample_every, "log.fixed_batches": self.log.fixed_batches})
-        _positive(**{"ckpt.keep": self.ckpt.keep, "log.every": self.log.every, "log.sample_steps": self.log.sample_steps})
+        check_positive(**{"ckpt.keep": self.ckpt.keep, "log.every": self.log.every, "log.sample_steps": self.log.sample_steps})
         for name, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {beta}")
         if self.ema.enabled and not 0.0 < self.ema.decay < 1.0:
             raise ConfigError(f"ema.decay must be in (0, 1), got {self.ema.decay}")
+        if not 0.0 <= self.data.max_skipped_fraction <= 1.0:
+            raise ConfigError(f"data.max_skipped_fraction must be in [0, 1], got {self.data.max_skipped_fraction}")
+        check_non_negative(**{"data.skip_check_after": self.data.skip_check_after})
         if self.data.source == "shards" and not self.data.urls:
             raise ConfigError("data.urls must name the shards when data.source=shards")
         if self.mob.enabled:

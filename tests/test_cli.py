@@ -98,3 +98,33 @@ def test_existing_output_is_not_touched(tmp_path, teacher_dir, capsys):
     rc, err = run(capsys, f"teacher.path={teacher_dir}", f"output={out}", *BASE)
     assert rc == 2 and "already exists" in err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "rank, everywhere, initialised, printed, code",
+    [
+        ("0", False, False, "d2m: error: bad\n", 0),  # before the process group: the same on every rank
+        ("1", False, False, "", 0),  # ... so rank 1 stays quiet
+        ("1", True, True, "", 0),  # agreed through a collective: rank 0 speaks for all
+        ("1", False, True, "d2m: error: [rank 1] bad\n", 2),  # this rank's own: tagged, and torchrun stops the rest
+    ],
+)
+def test_user_errors_are_reported_once_per_job(tmp_path, monkeypatch, capsys, rank, everywhere, initialised,
+                                               printed, code):
+    import torch.distributed as dist
+
+    from d2m_dist.cli import report_user_error
+    from d2m_dist.config import ConfigError
+
+    status = tmp_path / "status"
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("D2M_STATUS_FILE", str(status))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setattr(dist, "is_initialized", lambda: initialised)
+    assert report_user_error(ConfigError("bad", everywhere=everywhere)) == code
+    assert capsys.readouterr().err == printed
+    # the launcher exits with the status file's code: written by whoever reported
+    assert (status.read_text() if status.exists() else None) == ("2\n" if printed else None)
+    # without torchrun (one process, or srun tasks) the exit code itself is 2
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert report_user_error(ConfigError("bad", everywhere=everywhere)) == 2

@@ -28,6 +28,7 @@ from d2m_dist.models.mob import apply_mob
 from d2m_dist.models.portable import StudentMeta, full_state_dict, write_student
 from d2m_dist.models.spec import select_sites
 from d2m_dist.models.surgery import SitePartition, convert_to_moe, dense_ffn
+from d2m_dist.models.teacher_identity import check_teacher_weights, teacher_fingerprint
 from d2m_dist.parallel.dist import pick_device
 
 log = logging.getLogger("d2m_dist.convert")
@@ -71,6 +72,7 @@ def run_convert(
     # Shapes first (meta teacher: no weights read yet), so a bad spec fails in seconds.
     meta_teacher = load_teacher(cfg.teacher, meta=True)
     c = meta_teacher.config
+    check_teacher_weights(cfg.teacher.path, dict(c))
     specs = select_sites(cfg.moe, c.num_layers, c.num_single_layers)
     for site, spec in specs.items():
         dense = dense_ffn(meta_teacher, site)
@@ -105,7 +107,9 @@ def run_convert(
         mob=to_dict(cfg.mob),
         dtype=cfg.teacher.dtype,
         extra={"stage": 0, "partition": to_dict(cfg.partition), "calibration": to_dict(cfg.calibration),
-               "teacher": str(cfg.teacher.path)},
+               "teacher": str(cfg.teacher.path),
+               # stage starts compare it with their teacher's (d2m_dist/models/teacher_identity.py)
+               "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path)},
     )
     state = {k: v.cpu() for k, v in full_state_dict(student).items()}
     return write_student(out, state, meta, parts, overwrite=cfg.overwrite)

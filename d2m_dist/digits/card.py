@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-from d2m_dist.config import ConfigError
+from d2m_dist.config import ConfigError, check_non_negative, check_positive
 from d2m_dist.digits.text_encoder import EMBED_DIM
 
 IMAGE_SIZE = 8  # pixels per side; 2x2 packing gives a 4x4 token grid
@@ -60,8 +60,15 @@ class PretrainConfig:
             raise ConfigError(f"axes_dims_rope {self.axes_dims_rope}: every axis needs an even width")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError("steps and batch_size must be >= 1")
+        check_positive(steps=self.steps, batch_size=self.batch_size, lr=self.lr, grad_clip=self.grad_clip,
+                       num_attention_heads=self.num_attention_heads, attention_head_dim=self.attention_head_dim,
+                       max_tokens=self.max_tokens)
+        check_non_negative(warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+                           num_layers=self.num_layers, num_single_layers=self.num_single_layers)
+        if self.num_layers + self.num_single_layers < 1:
+            raise ConfigError("num_layers + num_single_layers must be >= 1")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
     def flux_config(self) -> Dict:
         """The diffusers ``FluxTransformer2DModel`` config of this teacher."""

@@ -35,6 +35,8 @@ def run_summary(run_dir: str | Path) -> Dict:
             "loss_last": sum(loss[-window:]) / window if loss else None,
             "max_over_mean_expert_load": summ.get("max_over_mean_expert_load"),
             "wandb_run_id": summ.get("wandb_run_id"),
+            # samples read and skipped as bad input, by reason (the digits source reads no files: 0)
+            "data": summ.get("data"),
         }
         stage["loss_fell"] = bool(loss) and stage["loss_last"] < stage["loss_first"]
         fixed = summ.get("fixed_batch_loss") or {}

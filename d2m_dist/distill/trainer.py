@@ -60,6 +60,7 @@ from d2m_dist.models.portable import (
 from d2m_dist.models.precision import bf16_autocast
 from d2m_dist.models.sampling import SamplerConfig
 from d2m_dist.models.spec import MoESpec
+from d2m_dist.models.teacher_identity import check_teacher_weights, teacher_fingerprint
 from d2m_dist.parallel import deepspeed_setup as dss
 from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
@@ -96,6 +97,8 @@ def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe
         a, b = teacher_cfg.get(key), meta.base_model.get(key)
         if a is not None and b is not None and a != b:
             raise ConfigError(f"teacher {cfg.teacher.path} and student {init} disagree on {key}: {a} vs {b}")
+    check_teacher_weights(cfg.teacher.path, teacher_cfg)
+    _check_provenance(cfg, meta)
     if cfg.parallel.ep_size == 0:
         cfg.parallel.ep_size = auto_ep_size(world, meta, recipe.zero_stage)
     ep = cfg.parallel.ep_size
@@ -121,6 +124,20 @@ def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe
     if cfg.mob.enabled and not recipe.mob:
         raise ConfigError(f"mob: stage {cfg.stage} trains with every block on; Mixture of Blocks starts in stage 3")
     return meta, recipe
+
+
+def _check_provenance(cfg: StageConfig, meta: StudentMeta) -> None:
+    """The init was converted from this teacher (the fingerprint ``d2m convert`` recorded)."""
+    recorded = meta.extra.get("teacher_fingerprint")
+    if recorded is None:
+        log.warning("init %s records no teacher fingerprint (converted by an older d2m): it cannot be checked "
+                    "to come from teacher.path %s", cfg.init, cfg.teacher.path)
+        return
+    found = teacher_fingerprint(cfg.teacher.path)
+    if found != recorded:
+        raise ConfigError(f"init {cfg.init} was converted from another teacher (fingerprint {recorded}) than "
+                          f"teacher.path {cfg.teacher.path} ({found}): train with the teacher it was converted "
+                          f"from, or convert again")
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -295,7 +312,7 @@ class StageTrainer:
         # buffers cleared), so the boundary never shifts and nothing stale leaks onward.
         for micro in range(accum):
             t0 = time.perf_counter()
-            inputs, target = self.batches.get(draw, micro)
+            inputs, target = self._next_batch(draw, micro)
             inputs = inputs.to(self.device)  # fp32: autocast (bf16 mode) casts inside the matrix products
             t1, c1 = time.perf_counter(), COMM_CLOCK.seconds()
             out = self._losses(inputs, target)
@@ -322,6 +339,44 @@ class StageTrainer:
         values["time/communication"] = c_fwd_bwd + c_step
         values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
+
+    def _next_batch(self, draw: int, micro: int):
+        """This rank's batch, once every rank has one. Collective.
+
+        A data error on one rank (the stream ran dry, every shard unreadable) would leave the
+        others blocked in the step's first collective until a transport timeout; the ranks agree
+        first, and every rank stops with the same line.
+        """
+        try:
+            batch, failure = self.batches.get(draw, micro), None
+        except DataError as exc:
+            batch, failure = None, str(exc)
+        if any_true(failure is not None, self.device):
+            raise ConfigError(_first_failure(failure, self.info.rank), everywhere=True)
+        return batch
+
+    def data_counts(self) -> Dict[str, int]:
+        """Samples read and skipped as bad input (``skipped/<reason>``), summed over ranks. Collective."""
+        local = getattr(self.batches, "data_counts", dict)()
+        per_rank = [local]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, local)
+        total: Dict[str, int] = {}
+        for counts in per_rank:
+            for k, v in counts.items():
+                total[k] = total.get(k, 0) + int(v)
+        return dict(sorted(total.items()))
+
+    def _check_skip_share(self, counts: Dict[str, int]) -> None:
+        """Stop the run (the same line on every rank) when too many samples were bad input."""
+        skipped, read = counts.get("skipped", 0), counts.get("samples", 0) + counts.get("skipped", 0)
+        limit = self.cfg.data.max_skipped_fraction
+        if read >= max(1, self.cfg.data.skip_check_after) and skipped > limit * read:
+            reasons = ", ".join(f"{k.split('/', 1)[1]} {v}" for k, v in counts.items() if k.startswith("skipped/"))
+            raise ConfigError(f"data: {skipped} of {read} samples read so far were skipped as bad input ({reasons}), "
+                              f"more than data.max_skipped_fraction={limit}: fix the shards (d2m precompute "
+                              f"reports each reason) or raise the limit", everywhere=True)
 
     def _autocast(self):
         """bf16 autocast for sampling (in training the student's comes from its engine, DeepSpeed
@@ -447,10 +502,13 @@ class StageTrainer:
         metrics["tokens_per_s"] = samples_per_step * values.pop("tokens_per_sample", 0.0) / dt
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["skipped_steps"] = self.skipped_steps
+        self.last_data_counts = self.data_counts()
+        metrics.update({f"data/{k}": v for k, v in self.last_data_counts.items()})
         if torch.cuda.is_available():
             metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_metrics = metrics
         self.tracker.log(metrics, self.step)
+        self._check_skip_share(self.last_data_counts)  # after logging: the counts that stop the run are on record
         if self.info.is_main:
             log.info("step %d/%d loss %.6f %s", self.step, self.cfg.steps, values["total"],
                      " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total", "tokens_per_sample") and not k.startswith("time/")))
@@ -465,9 +523,20 @@ class StageTrainer:
             "first_loss": self.history["loss"][0] if self.history["loss"] else None,
             "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},
+            "data": getattr(self, "last_data_counts", {}),
             "wandb_run_id": self.tracker.run_id,
             "history": self.history,
         }
+
+
+def _first_failure(failure: Optional[str], rank: int) -> str:
+    """The failure message of the lowest failing rank, on every rank. Collective."""
+    failures = [failure]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    first = next(r for r, f in enumerate(failures) if f is not None)
+    return f"rank {first}: {failures[first]}" if len(failures) > 1 else str(failures[first])
 
 
 def _mean_over_ranks(out: Dict[str, torch.Tensor]) -> Dict[str, float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -42,8 +42,12 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_safetensors_extent(f: Path) -> None:
-    """The header promises byte ranges; a truncated file stops short of them."""
+def read_safetensors_header(f: Path) -> Dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, byte ranges), or a one-line error."""
+    return _header_and_length(f)[0]
+
+
+def _header_and_length(f: Path) -> Tuple[Dict, int]:
     size = f.stat().st_size
     try:
         with open(f, "rb") as fh:
@@ -51,8 +55,17 @@ def check_safetensors_extent(f: Path) -> None:
             if 8 + header_len > size:
                 raise ValueError
             header = json.loads(fh.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise TeacherLoadError(f"teacher weights {f}: truncated or not safetensors (bad header)") from None
+    return header, header_len
+
+
+def check_safetensors_extent(f: Path) -> None:
+    """The header promises byte ranges; a truncated file stops short of them."""
+    size = f.stat().st_size
+    header, header_len = _header_and_length(f)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end > size:
         raise TeacherLoadError(f"teacher weights {f}: truncated ({size} bytes, header needs {8 + header_len + end})")

@@ -104,3 +104,18 @@ def test_config_is_checked():
 
 # The default teacher's accuracy (cfg1 >= 0.9, cfg2 >= 0.95, card == evaluation after reload) is checked on
 # the teacher the demo trains: tests/test_demo.py (one training of the 1000-step teacher instead of two).
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("lr=-1e-3", "lr must be > 0, got -0.001"),  # torch's optimizer raised a traceback at step 0
+    ("warmup_steps=-5", "warmup_steps must be >= 0"),
+    ("ema_decay=1.5", "ema_decay must be in (0, 1)"),
+    ("batch_size=0", "batch_size must be > 0"),
+])
+def test_bad_pretrain_settings_are_one_line_before_any_work(tmp_path, capsys, override, expect):
+    from d2m_dist.cli import main
+
+    assert main(["teacher", "--out", str(tmp_path / "t"), override]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"d2m: error: {expect}"), lines
+    assert not (tmp_path / "t").exists()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import d2m_dist.digits  # noqa: F401  (in-process workers train on the digits preset: it must be registered there too)
 from d2m_dist.cli import main
@@ -156,6 +158,9 @@ def test_nan_losses_skip_then_stop_with_diagnostic_checkpoint(tmp_path, digits_t
         ("disagree", "disagree on num_layers"),
         ("unknown_key", "Key 'bogus' not in"),
         ("no_shards", "match no existing shard file"),
+        ("negative_lr", "optim.lr must be > 0, got -0.001"),
+        ("other_teacher", "was converted from another teacher"),
+        ("not_flux_weights", "the weights are not the FLUX transformer its config.json describes"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_student, capsys, case, expect):
@@ -178,6 +183,17 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
         over = ["optim.bogus=1"]
     elif case == "no_shards":
         over = ["data.source=shards", f"data.urls={tmp_path}/none-{{000000..000001}}.tar"]
+    elif case == "negative_lr":
+        over = ["optim.lr=-1e-3"]
+    elif case in ("other_teacher", "not_flux_weights"):
+        teacher = tmp_path / "teacher"
+        shutil.copytree(digits_teacher, teacher)
+        weights = next((teacher / "transformer").glob("*.safetensors"))
+        if case == "other_teacher":  # the same architecture, other values: a teacher the student never saw
+            tensors = {k: v + 0.01 for k, v in load_file(str(weights)).items()}
+        else:  # a FLUX config.json beside another model's weights
+            tensors = {"encoder.layer.0.weight": torch.zeros(4, 4)}
+        save_file(tensors, str(weights))
     try:
         rc = main(["train", "--config", str(stage_config(tmp_path, teacher, init)), *over])
     finally:
@@ -186,6 +202,17 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("d2m: error:")]
     assert len(lines) == 1 and expect in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_launcher_prints_a_bad_config_once_and_exits_2(tmp_path, digits_teacher, digits_student):
+    """Every rank finds the error; rank 0 alone reports it, and torchrun adds no traceback of its own."""
+    p = launch(stage_config(tmp_path, digits_teacher, digits_student), 2, "optim.lr=-1e-3")
+    out = p.stdout + p.stderr
+    assert p.returncode == 2, out[-3000:]
+    assert [line for line in out.splitlines() if "error" in line.lower()] == [
+        "d2m: error: optim.lr must be > 0, got -0.001"], out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-3000:]
     assert not (tmp_path / "run").exists()
 
 
