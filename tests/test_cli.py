@@ -28,7 +28,12 @@ def run(capsys, *args):
 def test_convert_writes_a_student(tmp_path, teacher_dir, capsys):
     rc, err = run(capsys, f"teacher.path={teacher_dir}", f"output={tmp_path / 'out'}", *BASE)
     assert rc == 0, err
-    assert json.loads((tmp_path / "out" / "d2m_config.json").read_text())["site_specs"]["single.1.mlp"] == "1S4E2A"
+    meta = json.loads((tmp_path / "out" / "d2m_config.json").read_text())
+    assert meta["site_specs"]["single.1.mlp"] == "1S4E2A"
+    # the teacher it came from, checked at every stage start
+    from d2m_dist.models.teacher_identity import teacher_fingerprint
+
+    assert meta["extra"]["teacher_fingerprint"] == teacher_fingerprint(teacher_dir)
 
 
 def test_convert_with_config_file_subprocess(tmp_path, teacher_dir):
@@ -57,10 +62,25 @@ def _non_flux_teacher(tmp_path, teacher_dir):
     return bad
 
 
+def _flux_config_other_weights(tmp_path, teacher_dir):
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "mislabelled"
+    shutil.copytree(teacher_dir, bad)
+    save_file({"encoder.layer.0.weight": torch.zeros(4, 4)},
+              str(bad / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return bad
+
+
 @pytest.mark.parametrize(
     "case, expect",
     [
         ("spec", "moe spec '1X4E2A'"),
+        ("other_weights", "the weights are not the FLUX transformer its config.json describes"),
+        ("cluster_iters", "partition.cluster_iters must be > 0"),
         ("indivisible", "does not divide into 5 experts"),
         ("missing_teacher", "teacher not found"),
         ("unknown_key", "moe.bogus: Key 'bogus' not in"),
@@ -82,6 +102,9 @@ def test_bad_input_one_line_error_no_output(tmp_path, teacher_dir, capsys, case,
         "truncated": [f"teacher.path={_truncated_teacher(tmp_path, teacher_dir)}"] if case == "truncated" else [],
         "non_flux": [f"teacher.path={_non_flux_teacher(tmp_path, teacher_dir)}"] if case == "non_flux" else [],
         "strategy": ["partition.strategy=kmeans"],
+        "other_weights": [f"teacher.path={_flux_config_other_weights(tmp_path, teacher_dir)}"]
+        if case == "other_weights" else [],
+        "cluster_iters": ["partition.cluster_iters=0"],
     }[case]
     rc, err = run(capsys, *args, *extra)
     assert rc == 2
