@@ -22,24 +22,35 @@ Formats are looked up by the config's ``kind``; :func:`register_format` adds one
 from __future__ import annotations
 
 import io
-import json
+import math
+import tokenize
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from d2m_dist.data.buckets import Bucket, check_buckets, fit_to_bucket, nearest_bucket
 from d2m_dist.data.errors import (
     BAD_ARRAY,
-    EMPTY_IMAGE,
+    BAD_DTYPE,
+    BAD_JSON,
+    BAD_SHAPE,
+    DOTTED_KEY,
     MISSING_CAPTION,
     MISSING_FIELD,
     MISSING_IMAGE,
-    NOT_AN_IMAGE,
+    NON_FINITE,
     DataError,
     SkipSample,
+)
+from d2m_dist.data.validate import (
+    RawLimits,
+    caption_from_bytes,
+    caption_from_value,
+    decode_image,
+    parse_json_object,
+    read_image_header,
 )
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -55,6 +66,8 @@ class Prepared:
     caption: str
     original_size: Tuple[int, int]  # (h, w) of the source image
     members: Dict[str, bytes] = field(default_factory=dict)
+    info: Any = None  # what prepare learnt that collate needs (the image header)
+    url: Optional[str] = None
 
 
 class SampleFormat:
@@ -74,50 +87,47 @@ class RawImageFormat(SampleFormat):
     with ``image_format="uint8"``), ``caption`` (list of str), ``key`` (list),
     ``original_size`` (int64 [B, 2], h and w before resizing) and ``bucket``
     (index into the bucket list).
+
+    Each sample is checked against ``limits`` and the contracts of
+    :mod:`d2m_dist.data.validate` in ``prepare`` (header only); pixel data that
+    does not decode is found in ``collate``.
     """
 
-    def __init__(self, buckets: Sequence[Sequence[int]], image_format: str = "float"):
+    def __init__(self, buckets: Sequence[Sequence[int]], image_format: str = "float",
+                 limits: Optional[RawLimits] = None):
         if image_format not in ("float", "uint8"):
             raise DataError(f"image_format {image_format!r} is not 'float' or 'uint8'")
         self.buckets: List[Bucket] = check_buckets(buckets)
         self.image_format = image_format
+        self.limits = limits or RawLimits()
 
     def prepare(self, sample: Dict[str, Any]) -> Prepared:
         key, url = sample.get("__key__"), sample.get("__url__")
         ext = next((e for e in IMAGE_KEYS if e in sample), None)
         if ext is None:
-            raise SkipSample(MISSING_IMAGE, f"members {sorted(k for k in sample if not k.startswith('__'))}", key, url)
-        data = sample[ext]
-        if not data:
-            raise SkipSample(EMPTY_IMAGE, f"{ext} has 0 bytes", key, url)
-        caption = caption_of(sample)
-        if not caption:
-            raise SkipSample(MISSING_CAPTION, "no txt member and no json caption", key, url)
-        try:
-            with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
-                width, height = im.size
-                orientation = im.getexif().get(0x0112, 1)
-        except _PIL_ERRORS as exn:
-            if _png_declares_no_pixels(data):  # PIL refuses a 0x0 PNG instead of opening it
-                raise SkipSample(EMPTY_IMAGE, f"{ext} header declares 0 pixels", key, url) from None
-            raise SkipSample(NOT_AN_IMAGE, f"{ext}: {exn}", key, url) from None
-        if width == 0 or height == 0:
-            raise SkipSample(EMPTY_IMAGE, f"{ext} is {width}x{height}", key, url)
-        if orientation in (5, 6, 7, 8):  # EXIF rotation by 90 degrees: bucket by the upright shape
-            width, height = height, width
-        return Prepared(key, nearest_bucket(height, width, self.buckets), caption, (height, width), {"image": data})
+            members = sorted(k for k in sample if not k.startswith("__"))
+            dotted = [m for m in members if "." in m and m.rsplit(".", 1)[1] in IMAGE_KEYS]
+            if dotted:
+                raise SkipSample(DOTTED_KEY, f"members {[f'{key}.{m}' for m in dotted]}: webdataset splits member "
+                                 f"names at the first dot, so the key is {key!r}", key, url)
+            raise SkipSample(MISSING_IMAGE, f"members {members}", key, url)
+        header = read_image_header(sample[ext], self.limits, key, url)
+        caption = raw_caption(sample, self.limits, key, url)
+        return Prepared(key, nearest_bucket(header.height, header.width, self.buckets), caption,
+                        (header.height, header.width), {"image": sample[ext]}, header, url)
 
     def collate(self, items, handler):
         bucket = items[0].group
         arrays, kept = [], []
         for it in items:
             try:
-                with Image.open(io.BytesIO(it.members["image"])) as im:
-                    im = ImageOps.exif_transpose(im).convert("RGB")
-                    arrays.append(np.asarray(fit_to_bucket(im, self.buckets[bucket])))
-                kept.append(it)
-            except _PIL_ERRORS as exn:
-                handler(SkipSample(NOT_AN_IMAGE, f"decode failed: {exn}", it.key))
+                image = decode_image(it.members["image"], it.info, it.key)
+            except SkipSample as exn:
+                exn.url = it.url
+                handler(exn)
+                continue
+            arrays.append(np.asarray(fit_to_bucket(image, self.buckets[bucket])))
+            kept.append(it)
         if not kept:
             return None
         images = torch.from_numpy(np.stack(arrays))  # [B, H, W, 3] uint8
@@ -132,29 +142,83 @@ class RawImageFormat(SampleFormat):
         }
 
 
+@dataclass(frozen=True)
+class PrecomputedContract:
+    """What a precomputed sample must be to feed a model; None: any size.
+
+    Always: ``latent`` [C, h, w] with even h and w (consumers pack 2x2 patches),
+    ``prompt_embeds`` [T, D], ``pooled`` [D], no dimension 0, little-endian
+    float16 or float32, data as long as the header says, finite values.
+    """
+
+    latent_channels: Optional[int] = None
+    prompt_embeds_width: Optional[int] = None
+    pooled_width: Optional[int] = None
+
+    @classmethod
+    def for_model(cls, model_config: Any) -> "PrecomputedContract":
+        """From a diffusers FLUX config (a dict or an attribute-style config): ``in_channels`` is
+        latent channels x 4 (2x2 patches packed), ``joint_attention_dim`` and ``pooled_projection_dim``."""
+        def value(name: str) -> int:
+            v = model_config[name] if isinstance(model_config, Mapping) else getattr(model_config, name)
+            return int(v)
+
+        return cls(value("in_channels") // 4, value("joint_attention_dim"), value("pooled_projection_dim"))
+
+    def check(self, name: str, shape: Tuple[int, ...], key: Optional[str] = None, url: Optional[str] = None) -> None:
+        """SkipSample ``bad_shape`` when array ``name`` (a PRECOMPUTED_KEYS member) does not fit."""
+        layout, want = _ARRAY_LAYOUT[name], {"latent.npy": (0, self.latent_channels),
+                                             "prompt_embeds.npy": (1, self.prompt_embeds_width),
+                                             "pooled.npy": (0, self.pooled_width)}[name]
+        problem = None
+        if len(shape) != len(layout):
+            problem = f"is {list(shape)}, not [{', '.join(layout)}]"
+        elif 0 in shape:
+            problem = f"is {list(shape)}, empty"
+        elif want[1] is not None and shape[want[0]] != want[1]:
+            problem = f"is {list(shape)}: {layout[want[0]]} = {shape[want[0]]}, the model takes {want[1]}"
+        elif name == "latent.npy" and (shape[1] % 2 or shape[2] % 2):
+            problem = f"is {list(shape)}: h and w must be even (2x2 patches are packed)"
+        if problem:
+            raise SkipSample(BAD_SHAPE, f"{name} {problem}", key, url)
+
+
+_ARRAY_LAYOUT = {"latent.npy": ("C", "h", "w"), "prompt_embeds.npy": ("T", "D"), "pooled.npy": ("D",)}
+ARRAY_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))
+
+
 class PrecomputedFormat(SampleFormat):
     """``latent.npy`` + ``prompt_embeds.npy`` + ``pooled.npy`` (+ ``txt``, ``json``) samples.
 
     Batches: ``latent``, ``prompt_embeds``, ``pooled`` (stacked tensors of the
     stored dtype), ``caption`` (list, "" when absent), ``key`` and
     ``original_size`` (int64 [B, 2]; from json ``original_size`` [h, w] or
-    ``height``/``width``, else -1). Samples are grouped by their array shapes, so
-    latents precomputed at several resolutions batch like buckets.
+    ``height``/``width``, else -1). Samples are grouped by their array shapes
+    and dtypes, so latents precomputed at several resolutions batch like buckets.
+
+    Every array is checked against ``contract`` (:class:`PrecomputedContract`):
+    shapes and dtypes from the ``.npy`` headers in ``prepare``, finiteness after
+    loading in ``collate``.
     """
+
+    def __init__(self, contract: Optional[PrecomputedContract] = None):
+        self.contract = contract or PrecomputedContract()
 
     def prepare(self, sample):
         key, url = sample.get("__key__"), sample.get("__url__")
         missing = [k for k in PRECOMPUTED_KEYS if k not in sample]
         if missing:
             raise SkipSample(MISSING_FIELD, f"no {', '.join(missing)}", key, url)
-        try:
-            shapes = tuple(npy_shape(sample[k]) for k in PRECOMPUTED_KEYS)
-        except ValueError as exn:
-            raise SkipSample(BAD_ARRAY, str(exn), key, url) from None
-        meta = _json_member(sample)
-        size = meta.get("original_size") or [meta.get("height", -1), meta.get("width", -1)]
+        shapes, dtypes = [], []
+        for name in PRECOMPUTED_KEYS:
+            shape, dtype = _checked_npy_header(name, sample[name], key, url)
+            self.contract.check(name, shape, key, url)
+            shapes.append(shape)
+            dtypes.append(dtype.str)
+        meta = parse_json_object(sample["json"], key, url) if "json" in sample else {}
         members = {k: sample[k] for k in PRECOMPUTED_KEYS}
-        return Prepared(key, shapes, caption_of(sample) or "", (int(size[0]), int(size[1])), members)
+        return Prepared(key, (tuple(shapes), tuple(dtypes)), _informational_caption(sample, meta),
+                        _original_size(meta, key, url), members, None, url)
 
     def collate(self, items, handler):
         arrays: Dict[str, List[np.ndarray]] = {k: [] for k in PRECOMPUTED_KEYS}
@@ -163,7 +227,11 @@ class PrecomputedFormat(SampleFormat):
             try:
                 loaded = {k: np.load(io.BytesIO(it.members[k]), allow_pickle=False) for k in PRECOMPUTED_KEYS}
             except (ValueError, OSError, EOFError) as exn:
-                handler(SkipSample(BAD_ARRAY, str(exn), it.key))
+                handler(SkipSample(BAD_ARRAY, str(exn), it.key, it.url))
+                continue
+            bad = [k for k, a in loaded.items() if not np.isfinite(a).all()]
+            if bad:  # one NaN would make the whole step's loss non-finite
+                handler(SkipSample(NON_FINITE, f"{', '.join(bad)} hold NaN or inf", it.key, it.url))
                 continue
             for k, a in loaded.items():
                 arrays[k].append(a)
@@ -181,8 +249,9 @@ class PrecomputedFormat(SampleFormat):
 
 FormatFactory = Callable[..., SampleFormat]
 _FORMATS: Dict[str, FormatFactory] = {
-    "raw": lambda cfg: RawImageFormat(cfg.buckets, cfg.image_format),
-    "precomputed": lambda cfg: PrecomputedFormat(),
+    "raw": lambda cfg: RawImageFormat(cfg.buckets, cfg.image_format, RawLimits.of(cfg)),
+    "precomputed": lambda cfg: PrecomputedFormat(PrecomputedContract(cfg.latent_channels, cfg.prompt_embeds_width,
+                                                                     cfg.pooled_width)),
 }
 
 
@@ -197,49 +266,65 @@ def make_format(cfg) -> SampleFormat:
     return _FORMATS[cfg.kind](cfg)
 
 
-def caption_of(sample: Dict[str, Any]) -> Optional[str]:
-    """The ``txt`` member, else the json ``caption``; None when blank or absent."""
+def raw_caption(sample: Dict[str, Any], limits: RawLimits, key: Optional[str] = None,
+                url: Optional[str] = None) -> str:
+    """The ``txt`` member, else the json ``caption``; SkipSample when neither holds usable text.
+
+    A ``json`` member must be a JSON object even when ``txt`` holds the caption:
+    a writer that broke one member may have broken the others.
+    """
+    meta = parse_json_object(sample["json"], key, url) if "json" in sample else {}
+    caption = None
     txt = sample.get("txt")
-    if txt:
-        text = txt.decode("utf-8", errors="replace") if isinstance(txt, bytes) else str(txt)
-        if text.strip():
-            return text.strip()
-    caption = _json_member(sample).get("caption")
-    return caption.strip() if isinstance(caption, str) and caption.strip() else None
+    if txt is not None:
+        caption = (caption_from_bytes(txt, limits, key, url) if isinstance(txt, bytes)
+                   else caption_from_value(txt, limits, key, url))
+    if caption is None:  # no txt, or a blank one
+        caption = caption_from_value(meta.get("caption"), limits, key, url)
+    if caption is None:
+        raise SkipSample(MISSING_CAPTION, "no txt member and no json caption, or blank ones", key, url)
+    return caption
 
 
-def npy_shape(data: bytes) -> Tuple[int, ...]:
-    """The shape in a ``.npy`` header, without reading the array (ValueError if malformed)."""
+def _npy_header(data: bytes) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) from a ``.npy`` header (ValueError if malformed)."""
     f = io.BytesIO(data)
     version = np.lib.format.read_magic(f)
     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, _ = reader(f)
-    return tuple(shape)
+    shape, _, dtype = reader(f)
+    return tuple(int(n) for n in shape), dtype, f.tell()
 
 
-def _png_declares_no_pixels(data: bytes) -> bool:
-    """A PNG whose IHDR chunk says width or height 0."""
-    if not data.startswith(b"\x89PNG\r\n\x1a\n") or len(data) < 24 or data[12:16] != b"IHDR":
-        return False
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return width == 0 or height == 0
-
-
-def _json_member(sample: Dict[str, Any]) -> Dict[str, Any]:
-    raw = sample.get("json")
-    if not raw:
-        return {}
+def _checked_npy_header(name: str, data: bytes, key, url) -> Tuple[Tuple[int, ...], np.dtype]:
     try:
-        meta = json.loads(raw)
-    except ValueError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
+        shape, dtype, offset = _npy_header(data)
+    # numpy parses the header as a Python literal (tokenize, then ast): a mangled one raises any of these
+    except (ValueError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as exn:
+        raise SkipSample(BAD_ARRAY, f"{name}: {type(exn).__name__}: {exn}", key, url) from None
+    if dtype not in ARRAY_DTYPES or dtype.byteorder == ">":
+        raise SkipSample(BAD_DTYPE, f"{name} is {dtype.str}, not little-endian float16 or float32", key, url)
+    # checked before np.load, which allocates what the header declares before it reads
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise SkipSample(BAD_ARRAY, f"{name} holds {len(data) - offset} data bytes, its header declares {expected}",
+                         key, url)
+    return shape, dtype
 
 
-def _pil_errors():
-    # DecompressionBombError is not an OSError; SyntaxError and ValueError come
-    # from some plugins on malformed headers.
-    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+def _informational_caption(sample: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    """A precomputed sample's caption: metadata only (its embeddings are what trains), so read leniently."""
+    txt = sample.get("txt")
+    if isinstance(txt, bytes) and txt.strip():
+        return txt.decode("utf-8", errors="replace").strip()
+    caption = meta.get("caption")
+    return caption.strip() if isinstance(caption, str) else ""
 
 
-_PIL_ERRORS = _pil_errors()
+def _original_size(meta: Dict[str, Any], key, url) -> Tuple[int, int]:
+    size = meta.get("original_size") or [meta.get("height", -1), meta.get("width", -1)]
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: json Infinity
+        raise SkipSample(BAD_JSON, f"json original_size/height/width {size!r} are not two integers", key,
+                         url) from None
+    return h, w

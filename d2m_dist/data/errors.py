@@ -30,11 +30,25 @@ UNREADABLE_SHARD = "unreadable_shard"  # a shard could not be opened at all
 DUPLICATE_FILE = "duplicate_file"  # two members of one sample share an extension
 MISSING_IMAGE = "missing_image"  # no jpg/png/webp member
 EMPTY_IMAGE = "empty_image"  # 0 bytes, or a decoded size of 0 x 0
-NOT_AN_IMAGE = "not_an_image"  # bytes PIL cannot identify or decode
+NOT_AN_IMAGE = "not_an_image"  # bytes whose header PIL cannot parse
 MISSING_CAPTION = "missing_caption"  # no txt member, no json "caption", or a blank one
 MISSING_FIELD = "missing_field"  # precomputed sample without one of its arrays
 BAD_ARRAY = "bad_array"  # a .npy member that does not parse
 MISSING_FILE = "missing_file"  # shard writer: a listed image path does not exist
+# input contracts (d2m_dist.data.validate, PrecomputedFormat)
+IMAGE_TOO_LARGE = "image_too_large"  # the header declares more pixels than max_image_pixels (decompression bombs)
+FILE_TOO_LARGE = "file_too_large"  # image bytes over max_image_bytes
+UNSUPPORTED_FORMAT = "unsupported_format"  # an image, but not JPEG, PNG or WebP (GIF, BMP, TIFF, ...)
+CORRUPT_IMAGE = "corrupt_image"  # the header parses, the pixel data does not (cut off, damaged)
+CAPTION_TOO_LONG = "caption_too_long"  # caption over max_caption_bytes
+CAPTION_NOT_UTF8 = "caption_not_utf8"  # caption bytes that are not UTF-8
+CAPTION_NOT_TEXT = "caption_not_text"  # a json or table caption that is a number, list, ...
+BAD_JSON = "bad_json"  # json member or sidecar that does not parse, is not an object, or has malformed fields
+DOTTED_KEY = "dotted_key"  # member names with a dot in the key: webdataset splits names at the first dot
+UNREADABLE_FILE = "unreadable_file"  # shard writer: an image file that exists but cannot be read
+BAD_SHAPE = "bad_shape"  # a precomputed array of the wrong rank or size for the contract / the model
+BAD_DTYPE = "bad_dtype"  # a precomputed array that is not little-endian float16/float32
+NON_FINITE = "non_finite"  # a precomputed array holding NaN or inf
 
 
 class DataError(ValueError):

@@ -28,6 +28,14 @@ the shard's owner on the next start. When every shard is finished, rank 0
 writes ``{prefix}.manifest.json`` (the format of :mod:`d2m_dist.data.shards`),
 so, as there, a folder with a manifest is complete. Two jobs must not write the
 same ``out_dir`` at once.
+
+Bad input: the raw stream skips and counts every sample that breaks a contract
+(:mod:`d2m_dist.data.validate`; limits from this config, which are part of the
+settings a finished shard must match); the counts are in each shard's marker
+and summed in the manifest's ``skipped``. When more than
+``max_skipped_fraction`` of all samples were skipped, the run fails with one
+line and writes no manifest: the folder stays unfinished, its finished shards
+kept, so a rerun with a higher fraction only writes the manifest.
 """
 
 from __future__ import annotations
@@ -65,6 +73,15 @@ from d2m_dist.data.stream import (
     derive_seed,
     expand_shard_urls,
 )
+from d2m_dist.data.validate import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    RawLimits,
+    check_skipped_fraction,
+    too_many_skipped,
+)
 
 DONE_SUFFIX = ".done.json"
 STORAGE_DTYPES = ("float32", "float16")  # what .npy holds; numpy has no bfloat16
@@ -89,10 +106,21 @@ class PrecomputeConfig:
     latent_sampling: LatentSampling = LatentSampling("mode")  # mode: the VAE posterior mean | sample: a seeded draw
     seed: int = 0  # latent_sampling=sample: noise of shard i is seeded with (seed, i)
     overwrite: bool = False  # redo every shard, even finished ones made with other settings
+    # Per-sample input limits (reasons for the defaults: d2m_dist.data.validate); over one: skipped, counted.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    # Fail (no manifest) when more than this share of all input samples was skipped.
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        try:
+            RawLimits.of(self)
+            check_skipped_fraction(self.max_skipped_fraction)
+        except DataError as exn:
+            raise ConfigError(str(exn)) from None
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]*", self.prefix):
             raise ConfigError(f"prefix {self.prefix!r} must be letters, digits, '_' or '-' (no dots: webdataset keys)")
 
@@ -116,7 +144,8 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     inputs = expand_shard_urls(cfg.inputs)
     spec = encoder_spec(cfg.encoder, cfg.model_path, cfg.buckets, cfg.max_tokens, cfg.compute_dtype,
                         cfg.latent_sampling)
-    settings = {**spec.settings, "dtype": cfg.dtype}
+    # the limits decide which samples a shard holds: a finished shard must have been made with the same
+    settings = {**spec.settings, "dtype": cfg.dtype, "input_limits": asdict(RawLimits.of(cfg))}
     if cfg.latent_sampling == "sample":
         settings["seed"] = cfg.seed
     device = _device(cfg.device)
@@ -156,7 +185,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     problem = None
     if rank == 0:
         try:
-            _write_manifest(out, cfg.prefix, len(inputs), manifest_path)
+            _write_manifest(out, cfg.prefix, len(inputs), manifest_path, cfg.max_skipped_fraction)
         except DataError as exn:  # raised on every rank below, not left to hang the others
             problem = str(exn)
     gathered = _all_gather((todo, problem))
@@ -175,6 +204,8 @@ def _encode_shard(url: str, out: Path, name: str, index: int, encoder: Encoder, 
     stream = ShardStream(StreamConfig(
         urls=url, kind="raw", rank=0, world_size=1, num_workers=0, batch_size=cfg.batch_size,
         shuffle_buffer=0, buckets=[list(b) for b in spec.buckets], image_format="uint8",
+        max_image_pixels=cfg.max_image_pixels, max_image_bytes=cfg.max_image_bytes,
+        max_caption_bytes=cfg.max_caption_bytes,
     ))
     # CPU generator: the same noise whichever device the VAE runs on
     generator = torch.Generator().manual_seed(derive_seed(_LATENT_NOISE, cfg.seed, index))
@@ -269,7 +300,7 @@ def _clean_temporaries(out: Path, name: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_manifest(out: Path, prefix: str, n: int, path: Path) -> None:
+def _write_manifest(out: Path, prefix: str, n: int, path: Path, max_skipped_fraction: float) -> None:
     shards, skips = [], SkipCounter()
     for i in range(n):
         marker_path = out / (shard_name(prefix, i) + DONE_SUFFIX)
@@ -278,6 +309,11 @@ def _write_manifest(out: Path, prefix: str, n: int, path: Path) -> None:
         marker = json.loads(marker_path.read_text())
         shards.append(ShardInfo(**marker["shard"]))
         skips.merge(marker["skipped"])
+    samples = sum(s.samples for s in shards)
+    if too_many_skipped(skips.total, samples, max_skipped_fraction):
+        raise DataError(f"{skips.total} of {skips.total + samples} input samples were skipped, more than "
+                        f"max_skipped_fraction={max_skipped_fraction} allows ({skips.as_dict()}); no manifest written, "
+                        f"{out} stays unfinished")
     manifest = ShardManifest(
         out_dir=str(out), pattern=brace_pattern(prefix, n), shards=shards,
         total_samples=sum(s.samples for s in shards), total_bytes=sum(s.bytes for s in shards),

@@ -18,31 +18,60 @@ Sample layout (one tar member per extension, webdataset convention)::
 
 Keys are zero-padded running numbers: a key must not contain a dot (webdataset
 splits member names at the first dot), and source file names often do.
+
+Input is checked by the contracts of :mod:`d2m_dist.data.validate` (image
+bytes, header-declared pixels, format by content, PNG chunk integrity, caption
+text and length); a sample that fails is skipped and counted under its reason
+in the manifest's ``skipped``. The extension a sample is stored under comes from
+the image's content, so a PNG named ``.jpg`` is stored as ``png``. Files with
+other image extensions (``.gif``, ``.bmp``, ``.tiff``, ...) are counted as
+``unsupported_format``, not silently left out. When more than
+``max_skipped_fraction`` of the input is skipped, nothing is written and the
+command fails with one line.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import shutil
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 
 from d2m_dist.config import ConfigError
 from d2m_dist.data.errors import (
     EMPTY_IMAGE,
+    FILE_TOO_LARGE,
     MISSING_CAPTION,
     MISSING_FILE,
-    NOT_AN_IMAGE,
+    UNREADABLE_FILE,
+    UNSUPPORTED_FORMAT,
     DataError,
     SkipCounter,
+    SkipHandler,
+    SkipSample,
     log,
+)
+from d2m_dist.data.validate import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    IMAGE_FORMATS,
+    OTHER_IMAGE_EXTENSIONS,
+    RawLimits,
+    caption_from_bytes,
+    caption_from_value,
+    check_image_pixels,
+    check_skipped_fraction,
+    parse_json_object,
+    read_image_header,
+    too_many_skipped,
 )
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -60,14 +89,27 @@ class ShardWriterConfig:
     max_bytes: int = 1 << 30
     # Existing {prefix}-*.tar files in out_dir: error (False) or replace (True).
     overwrite: bool = False
-    # Open each image header while writing and skip (counted) what PIL cannot read.
+    # Open each image header while writing: its format, declared pixels and (PNG) chunk integrity are
+    # checked, and what fails is skipped and counted. False: only bytes and captions are checked.
     validate_images: bool = True
     # Write at most this many samples (None: all); handy for smoke tests.
     limit: Optional[int] = None
+    # Per-sample input limits (reasons for the defaults: d2m_dist.data.validate). The pixel limit needs
+    # validate_images; the byte limit is checked before a file is read.
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    # Stop (writing nothing) once more than this share of the input is certain to be skipped.
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
 
     def validate(self) -> None:
         if self.max_samples < 1 or self.max_bytes < 1:
             raise ConfigError(f"max_samples ({self.max_samples}) and max_bytes ({self.max_bytes}) must be positive")
+        try:
+            RawLimits.of(self)
+            check_skipped_fraction(self.max_skipped_fraction)
+        except DataError as exn:
+            raise ConfigError(str(exn)) from None
 
 
 @dataclass
@@ -112,65 +154,81 @@ class SourceRecord:
 # ----------------------------------------------------------------------------- sources
 
 
-def scan_folder(folder: str | os.PathLike, skips: Optional[SkipCounter] = None) -> List[SourceRecord]:
+def scan_folder(folder: str | os.PathLike, skips: Optional[SkipCounter] = None,
+                limits: Optional[RawLimits] = None) -> List[SourceRecord]:
     """Images in ``folder`` (recursively, sorted) with an ``x.txt`` or ``x.json`` caption sidecar.
 
-    Images without a usable caption are skipped and counted as ``missing_caption``.
+    Extensions are matched in any case (``.PNG``). Images without a usable
+    caption, and files with an unsupported image extension, are skipped and
+    counted (``missing_caption``, ``caption_not_utf8``, ``bad_json``, ``unsupported_format``, ...).
     """
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
     skips = skips if skips is not None else SkipCounter()
+    limits = limits or RawLimits()
+    count = _skip_handler(skips)
     records = []
-    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        caption, meta = _sidecar_caption(img)
+    wanted = IMAGE_EXTENSIONS.keys() | OTHER_IMAGE_EXTENSIONS  # the others to be counted, not passed over
+    for img in sorted(p for p in root.rglob("*") if p.suffix.lower() in wanted and p.is_file()):
         rel = str(img.relative_to(root))
-        if not caption:
-            skips.add(MISSING_CAPTION)
-            log.warning("skipped %s: %s has no .txt or .json caption", MISSING_CAPTION, img)
+        try:
+            if img.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
+                raise SkipSample(UNSUPPORTED_FORMAT, f"{img.suffix} files are not taken (JPEG, PNG or WebP)", rel)
+            caption, meta = _sidecar_caption(img, limits, rel)
+        except SkipSample as exn:
+            count(exn)
             continue
         ext = IMAGE_EXTENSIONS[img.suffix.lower()]
         records.append(SourceRecord(caption, path=img, ext=ext, meta={**meta, "source": rel}))
     if not records:
-        raise DataError(f"no images with captions found in {root}")
+        raise DataError(f"no images with captions found in {root}" + (f" (skipped: {skips.as_dict()})" if skips.total else ""))
     return records
 
 
-def scan_table(table: str | os.PathLike, skips: Optional[SkipCounter] = None) -> List[SourceRecord]:
+def scan_table(table: str | os.PathLike, skips: Optional[SkipCounter] = None,
+               limits: Optional[RawLimits] = None) -> List[SourceRecord]:
     """Rows of a CSV, JSONL or parquet file with an ``image``/``path`` and a ``caption``/``text`` column.
 
     Relative image paths are relative to the table's folder. Rows whose image is
-    missing or whose caption is blank are skipped and counted.
+    missing or not a jpg/png/webp file, or whose caption is blank or not text,
+    are skipped and counted.
     """
     path = Path(table)
     if not path.is_file():
         raise DataError(f"table {path} does not exist")
     skips = skips if skips is not None else SkipCounter()
+    limits = limits or RawLimits()
+    count = _skip_handler(skips)
     rows = _read_rows(path)
     if not rows:
         raise DataError(f"table {path} has no rows")
     img_col = _pick_column(path, rows[0], ("image", "path"))
     cap_col = _pick_column(path, rows[0], ("caption", "text"))
     records = []
-    for row in rows:
-        caption = _clean_caption(row.get(cap_col))
+    for n, row in enumerate(rows, 1):
         value = row.get(img_col)
+        where = f"{path.name} row {n} ({value})"
         img = Path(str(value)) if value not in (None, "") else None
         if img is not None and not img.is_absolute():
             img = path.parent / img
-        ext = IMAGE_EXTENSIONS.get(img.suffix.lower()) if img is not None else None
-        if img is None or ext is None or not img.is_file():
-            skips.add(MISSING_FILE)
-            log.warning("skipped %s: %s row image %r is not an existing jpg/png/webp file", MISSING_FILE, path, value)
-            continue
-        if not caption:
-            skips.add(MISSING_CAPTION)
-            log.warning("skipped %s: %s row for %s has a blank caption", MISSING_CAPTION, path, value)
+        try:
+            if img is None or not img.is_file():
+                raise SkipSample(MISSING_FILE, "the image is not an existing file", where)
+            if img.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise SkipSample(UNSUPPORTED_FORMAT, f"{img.suffix or 'no extension'}: not a jpg, png or webp file",
+                                 where)
+            caption = caption_from_value(row.get(cap_col), limits, where)
+            if caption is None:
+                raise SkipSample(MISSING_CAPTION, "the caption is blank", where)
+        except SkipSample as exn:
+            count(exn)
             continue
         extra = {k: v for k, v in row.items() if k not in (img_col, cap_col) and _jsonable(v)}
-        records.append(SourceRecord(caption, path=img, ext=ext, meta={**extra, "source": str(value)}))
+        records.append(SourceRecord(caption, path=img, ext=IMAGE_EXTENSIONS[img.suffix.lower()],
+                                    meta={**extra, "source": str(value)}))
     if not records:
-        raise DataError(f"table {path} lists no existing images with captions")
+        raise DataError(f"table {path} lists no existing images with captions (skipped: {skips.as_dict()})")
     return records
 
 
@@ -189,9 +247,18 @@ def register_shard_source(name: str, records: Callable[[Optional[int]], List[Sou
 def write_shards(
     records: Iterable[SourceRecord], cfg: ShardWriterConfig, skips: Optional[SkipCounter] = None
 ) -> ShardManifest:
-    """Write ``records`` as shards under ``cfg.out_dir``; returns (and saves) the manifest."""
+    """Write ``records`` as shards under ``cfg.out_dir``; returns (and saves) the manifest.
+
+    ``skips`` holds what scanning the source already skipped: it counts towards
+    ``max_skipped_fraction`` and goes into the manifest.
+    """
     cfg.validate()
+    limits = RawLimits.of(cfg)
     skips = skips if skips is not None else SkipCounter()
+    count = _skip_handler(skips)
+    planned = None  # records that will be tried, when known: lets a hopeless run stop early
+    if isinstance(records, Sized):
+        planned = len(records) if cfg.limit is None else min(len(records), cfg.limit)
     out = Path(cfg.out_dir)
     stale = sorted(out.glob(f"{cfg.prefix}-*.tar")) if out.is_dir() else []
     if stale and not cfg.overwrite:
@@ -200,14 +267,25 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     writer = _RotatingWriter(out, cfg)
     try:
-        written = 0
+        written = tried = 0
         for record in _limit(records, cfg.limit):
-            sample = _encode(record, cfg.validate_images, skips)
-            if sample is not None:
-                sample["__key__"] = f"{written:09d}"
-                writer.write(sample)
-                written += 1
+            tried += 1
+            try:
+                sample = _encode(record, cfg, limits)
+            except SkipSample as exn:
+                count(exn)
+                # stop as soon as even writing every remaining record could not bring the share below the limit
+                if planned is not None and too_many_skipped(skips.total, written + planned - tried,
+                                                             cfg.max_skipped_fraction):
+                    raise _too_many_skipped(skips, skips.total + planned - tried + written, cfg.max_skipped_fraction,
+                                            early=True)
+                continue
+            sample["__key__"] = f"{written:09d}"
+            writer.write(sample)
+            written += 1
         writer.close()
+        if too_many_skipped(skips.total, written, cfg.max_skipped_fraction):
+            raise _too_many_skipped(skips, skips.total + written, cfg.max_skipped_fraction)
         if not writer.shards:
             raise DataError(f"no samples could be written to {out} (all skipped: {skips.as_dict()})")
         # Everything is written: replace the earlier set, if any. Its manifest goes
@@ -240,13 +318,14 @@ def write_shards(
 
 def make_shards(source: str, cfg: ShardWriterConfig) -> ShardManifest:
     """Dispatch on ``source``: a registered source name (``digits``), an image folder, or a .csv/.jsonl/.parquet table."""
-    skips = SkipCounter()
+    cfg.validate()
+    skips, limits = SkipCounter(), RawLimits.of(cfg)
     if source in SHARD_SOURCES:
         records = SHARD_SOURCES[source](cfg.limit)
     elif Path(source).suffix.lower() in (".csv", ".jsonl", ".parquet") and not Path(source).is_dir():
-        records = scan_table(source, skips)
+        records = scan_table(source, skips, limits)
     else:
-        records = scan_folder(source, skips)  # a DataError naming the path if it is no folder
+        records = scan_folder(source, skips, limits)  # a DataError naming the path if it is no folder
     return write_shards(records, cfg, skips)
 
 
@@ -338,32 +417,53 @@ class _RotatingWriter:
         self._count = self._payload = 0
 
 
-def _encode(record: SourceRecord, validate: bool, skips: SkipCounter) -> Optional[Dict[str, Any]]:
-    """The tar members of one record, or None (counted) when its image is unusable."""
-    data = record.data if record.data is not None else record.path.read_bytes()  # type: ignore[union-attr]
-    where = record.meta.get("source", "")
+def _encode(record: SourceRecord, cfg: ShardWriterConfig, limits: RawLimits) -> Dict[str, Any]:
+    """The tar members of one record; SkipSample when it breaks a contract (see the module docstring)."""
+    where = str(record.meta.get("source", ""))
+    caption = caption_from_value(record.caption, limits, where)  # registered sources are checked like files
+    if caption is None:
+        raise SkipSample(MISSING_CAPTION, "the caption is blank", where)
+    data = record.data if record.data is not None else _read_image_file(record.path, limits, where)  # type: ignore[arg-type]
     if not data:
-        skips.add(EMPTY_IMAGE)
-        log.warning("skipped %s: %s has 0 bytes", EMPTY_IMAGE, where)
-        return None
-    meta = dict(record.meta)
-    if validate:
-        size = _image_size(data)
-        if size is None:
-            skips.add(NOT_AN_IMAGE)
-            log.warning("skipped %s: %s is not a readable image", NOT_AN_IMAGE, where)
-            return None
-        if size[0] == 0 or size[1] == 0:
-            skips.add(EMPTY_IMAGE)
-            log.warning("skipped %s: %s is %dx%d", EMPTY_IMAGE, where, *size)
-            return None
-        meta["width"], meta["height"] = size
-    meta["caption"] = record.caption
+        raise SkipSample(EMPTY_IMAGE, "image has 0 bytes", where)
+    if len(data) > limits.max_image_bytes:
+        raise SkipSample(FILE_TOO_LARGE, f"image has {len(data)} bytes, max_image_bytes is {limits.max_image_bytes}",
+                         where)
+    meta, ext = dict(record.meta), record.ext
+    if cfg.validate_images:
+        header = read_image_header(data, limits, where)
+        check_image_pixels(data, header, where)
+        ext = IMAGE_FORMATS[header.format]  # by content: a PNG named .jpg is stored as png
+        meta["width"], meta["height"] = header.width, header.height
+    meta["caption"] = caption
     return {
-        record.ext: data,
-        "txt": record.caption.encode("utf-8"),
+        ext: data,
+        "txt": caption.encode("utf-8"),
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
+
+
+def _read_image_file(path: Path, limits: RawLimits, where: str) -> bytes:
+    """The file's bytes, its size checked before it is read."""
+    try:
+        size = path.stat().st_size
+        if size > limits.max_image_bytes:
+            raise SkipSample(FILE_TOO_LARGE, f"file has {size} bytes, max_image_bytes is {limits.max_image_bytes}",
+                             where)
+        return path.read_bytes()
+    except FileNotFoundError:  # gone since the scan
+        raise SkipSample(MISSING_FILE, f"{path} no longer exists", where) from None
+    except OSError as exn:  # permissions, a folder named like an image, I/O errors
+        raise SkipSample(UNREADABLE_FILE, f"{path}: {exn.strerror or exn}", where) from None
+
+
+def _skip_handler(skips: SkipCounter) -> SkipHandler:
+    return SkipHandler(skips, where=" (shards make)")
+
+
+def _too_many_skipped(skips: SkipCounter, inputs: int, max_fraction: float, early: bool = False) -> DataError:
+    return DataError(f"{skips.total} of {inputs} input samples are skipped{' already' if early else ''}, more than "
+                     f"max_skipped_fraction={max_fraction} allows ({skips.as_dict()}); nothing was written")
 
 
 def _limit(records: Iterable[SourceRecord], limit: Optional[int]) -> Iterator[SourceRecord]:
@@ -373,27 +473,22 @@ def _limit(records: Iterable[SourceRecord], limit: Optional[int]) -> Iterator[So
         yield r
 
 
-def _image_size(data: bytes):
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return None
-
-
-def _sidecar_caption(img: Path):
+def _sidecar_caption(img: Path, limits: RawLimits, where: str) -> Tuple[str, Dict[str, Any]]:
+    """(caption, other json fields) from ``img``'s ``.txt`` sidecar, else its ``.json`` one; SkipSample when
+    neither holds a usable caption. A ``.json`` sidecar must parse even when the ``.txt`` one has the caption."""
     txt, js = img.with_suffix(".txt"), img.with_suffix(".json")
-    if txt.is_file():
-        return _clean_caption(txt.read_text(encoding="utf-8", errors="replace")), {}
-    if js.is_file():
-        try:
-            meta = json.loads(js.read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("%s is not valid JSON", js)
-            return None, {}
-        if isinstance(meta, dict):
-            return _clean_caption(meta.get("caption")), {k: v for k, v in meta.items() if k != "caption"}
-    return None, {}
+    meta: Dict[str, Any] = {}
+    try:
+        if js.is_file():
+            meta = parse_json_object(js.read_bytes(), where)
+        caption = caption_from_bytes(txt.read_bytes(), limits, where) if txt.is_file() else None
+    except OSError as exn:
+        raise SkipSample(UNREADABLE_FILE, f"caption sidecar: {exn.strerror or exn}", where) from None
+    if caption is None:
+        caption = caption_from_value(meta.get("caption"), limits, where)
+    if caption is None:
+        raise SkipSample(MISSING_CAPTION, "no .txt or .json caption sidecar, or a blank one", where)
+    return caption, {k: v for k, v in meta.items() if k != "caption"}
 
 
 def _read_rows(path: Path) -> List[Dict[str, Any]]:
@@ -431,13 +526,6 @@ def _pick_column(path: Path, row: Dict[str, Any], names) -> str:
         if name in row:
             return name
     raise DataError(f"table {path} has no {' or '.join(repr(n) for n in names)} column (columns: {sorted(row)})")
-
-
-def _clean_caption(value: Any) -> Optional[str]:
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN
-        return None
-    text = str(value).strip()
-    return text or None
 
 
 def _jsonable(v: Any) -> bool:

@@ -49,7 +49,16 @@ the environment, and the resume remapping of workers needs the logical id.
 
 Skips (bad samples, cut-off shards) are counted in each worker and travel to the
 main process with the next batch, or with a last marker item that this class
-consumes; :attr:`ShardStream.skips` holds the totals.
+consumes; :attr:`ShardStream.skips` holds the totals and
+:attr:`ShardStream.delivered` the samples handed out, both over every epoch and
+leftover read by this stream and the runs it resumes. They are part of the
+state; after a layout change the old ranks' totals live on in the new rank 0's,
+so the sum over ranks stays the run's total.
+
+The input limits and the precomputed contract decide which samples are skipped,
+so changing them between a checkpoint and its resume changes the regenerated
+batches: the resume is still deterministic, but no longer equal to a run that
+never stopped. They are not part of the layout check.
 """
 
 from __future__ import annotations
@@ -75,8 +84,9 @@ from omegaconf import MISSING
 from webdataset import tariterators
 
 from d2m_dist.data.buckets import bucket_batches
-from d2m_dist.data.decode import make_format
+from d2m_dist.data.decode import PrecomputedContract, make_format
 from d2m_dist.data.errors import DataError, SkipCounter, SkipHandler, log
+from d2m_dist.data.validate import DEFAULT_MAX_CAPTION_BYTES, DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -97,6 +107,16 @@ class StreamConfig:
     # raw kind: output sizes [h, w]; each image goes to the nearest aspect ratio.
     buckets: List[List[int]] = field(default_factory=lambda: [[512, 512]])
     image_format: str = "float"  # float: [B,3,H,W] in [-1,1] | uint8: [B,H,W,3]
+    # raw kind: a sample over a limit is skipped and counted (image_too_large, file_too_large,
+    # caption_too_long); the defaults and their reasons are in d2m_dist.data.validate
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    # precomputed kind: the sizes the model takes (None: any); a sample that differs is skipped and
+    # counted as bad_shape. ShardBatches sets them from the model config.
+    latent_channels: Optional[int] = None
+    prompt_embeds_width: Optional[int] = None
+    pooled_width: Optional[int] = None
     # epoch mode: drop each bucket's partial last batch (False: every sample is seen).
     drop_last: bool = False
     pin_memory: bool = False
@@ -198,6 +218,7 @@ class ShardStream:
                 "of batches per epoch", len(self.urls), self.world_size, self.num_workers,
             )
         self.skips = SkipCounter()
+        self.delivered = 0  # samples handed out, all epochs and leftovers (see the module docstring)
         self._pos = _Position.start(0, self.num_workers)
         # old ranks' unread epoch rests this rank reads first (after an elastic resume): their states
         self.leftovers: List[Dict[str, Any]] = []
@@ -226,6 +247,7 @@ class ShardStream:
             pos.consumed[worker] = item.pop(_INDEX) + 1
             pos.batches += 1
             pos.samples += len(item["key"])
+            self.delivered += len(item["key"])
             yield item
         if self.cfg.mode == "epoch":
             self._pos = _Position.start(self._pos.epoch + 1, self.num_workers)
@@ -235,9 +257,11 @@ class ShardStream:
         while self.leftovers:
             rest = self._leftover_stream(self.leftovers[0])
             for batch in rest:
-                self.leftovers[0] = {**rest.state_dict(), "skips": {}}  # counted here, not again on resume
+                # counted here, not again on resume
+                self.leftovers[0] = {**rest.state_dict(), "skips": {}, "delivered": 0}
                 self.skips.merge(rest.skips.as_dict())
                 rest.skips = SkipCounter()
+                self.delivered += len(batch["key"])
                 yield batch
             self.leftovers.pop(0)
         empty = 0
@@ -254,13 +278,14 @@ class ShardStream:
 
     def state_dict(self) -> Dict[str, Any]:
         """The position after the last delivered batch, plus what it is only valid for."""
-        return {"version": 1, "position": asdict(self._pos), "skips": self.skips.as_dict(), "layout": self._layout(),
-                "leftovers": copy.deepcopy(self.leftovers)}
+        return {"version": 1, "position": asdict(self._pos), "skips": self.skips.as_dict(),
+                "delivered": self.delivered, "layout": self._layout(), "leftovers": copy.deepcopy(self.leftovers)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue where ``state`` stopped, or at epoch + 1 in a fresh order if the layout changed."""
         pos = _Position(**state["position"])
         self.skips = SkipCounter(state.get("skips", {}))
+        self.delivered = int(state.get("delivered", 0))  # states saved before it was kept: 0
         self.leftovers = copy.deepcopy(state.get("leftovers", []))
         saved, now = state.get("layout", {}), self._layout()
         changed = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in now.items() if saved.get(k) != v]
@@ -278,6 +303,10 @@ class ShardStream:
 
         Returns the old ranks whose epoch rests this rank reads first (see the module docstring).
         """
+        if self.rank == 0:  # the old ranks' totals live on in rank 0's counters; their rests start at none
+            for st in states:
+                self.skips.merge(st.get("skips", {}))
+                self.delivered += int(st.get("delivered", 0))
         if self.cfg.mode != "epoch":
             log.warning("data stream in %s mode has no epochs to share out: after the change from %d to %d ranks "
                         "it starts afresh (every sample may come again, none is owed)", self.cfg.mode, len(states),
@@ -287,17 +316,14 @@ class ShardStream:
         last_epoch = max(s["position"]["epoch"] for s in states)
         for st in states:
             self._check_leftover_layout(st["layout"])
-        if self.rank == 0:  # the old ranks' skip totals live on in rank 0's counter; their rests start at none
-            for st in states:
-                self.skips.merge(st.get("skips", {}))
         rests: List[Dict[str, Any]] = []
         owners: List[int] = []
         for old_rank, st in enumerate(states):
             pending = list(st.get("leftovers", [])) + [{k: v for k, v in st.items() if k != "leftovers"}]
-            pending = [{**rest, "skips": {}} for rest in pending]
+            pending = [{**rest, "skips": {}, "delivered": 0} for rest in pending]
             workers = st["layout"]["num_workers"]
             # epochs this old rank had not reached yet are owed whole
-            pending += [{**pending[-1], "position": asdict(_Position.start(e, workers)), "skips": {}}
+            pending += [{**pending[-1], "position": asdict(_Position.start(e, workers))}
                         for e in range(st["position"]["epoch"] + 1, last_epoch + 1)]
             rests += pending
             owners += [old_rank] * len(pending)
@@ -339,13 +365,16 @@ class ShardStream:
         }
 
 
-def fixed_order_stream(urls: str | List[str], batch_size: int, seed: int = 0,
-                       kind: str = "precomputed") -> "ShardStream":
+def fixed_order_stream(urls: str | List[str], batch_size: int, seed: int = 0, kind: str = "precomputed",
+                       contract: Optional[PrecomputedContract] = None) -> "ShardStream":
     """One epoch over ``urls`` read by a single reader, samples unshuffled (shard order from ``seed``):
     the same batches in the same order on every rank and in every run (calibration batches, fixed
-    evaluation batches, grid prompts)."""
+    evaluation batches, grid prompts). ``contract``: what precomputed samples must fit (None: any)."""
+    contract = contract or PrecomputedContract()
     return ShardStream(StreamConfig(urls=urls, kind=kind, mode="epoch", batch_size=batch_size, seed=seed, rank=0,
-                                    world_size=1, num_workers=0, shuffle_buffer=0))
+                                    world_size=1, num_workers=0, shuffle_buffer=0,
+                                    latent_channels=contract.latent_channels,
+                                    prompt_embeds_width=contract.prompt_embeds_width, pooled_width=contract.pooled_width))
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -47,6 +47,7 @@ class DigitsBatches:
         self.data = digits_training_set(self.card.max_tokens)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self._drawn: Tuple[int, FluxInputs, torch.Tensor] | None = None
+        self.delivered = 0  # samples handed out by get(), resumes included
 
     def get(self, draw: int, micro: int = 0) -> Tuple[FluxInputs, torch.Tensor]:
         """(this rank's noised inputs, velocity target) for micro-step ``micro`` of ``draw``."""
@@ -57,6 +58,7 @@ class DigitsBatches:
         _, inputs, target = self._drawn
         lo = (micro * self.world + self.rank) * self.batch_size
         hi = lo + self.batch_size
+        self.delivered += self.batch_size
         return slice_inputs(inputs, lo, hi), target[lo:hi]
 
     def fixed(self, i: int) -> Tuple[FluxInputs, torch.Tensor]:
@@ -68,10 +70,15 @@ class DigitsBatches:
         return slice_inputs(inputs, lo, lo + self.batch_size), target[lo : lo + self.batch_size]
 
     def state_dict(self) -> Dict:
-        return {}  # the position is the trainer's draw counter
+        return {"delivered": self.delivered}  # the position is the trainer's draw counter; this is a count
 
     def load_state_dict(self, state: Dict) -> None:
-        pass
+        self.delivered = int(state.get("delivered", 0))  # checkpoints from before it was kept: {}
 
     def load_elastic_state(self, states: list) -> None:
-        pass  # any layout draws the same global batches from the draw counter
+        # any layout draws the same global batches from the draw counter; the old ranks' counts go to rank 0
+        self.delivered = sum(int(s.get("delivered", 0)) for s in states) if self.rank == 0 else 0
+
+    def data_counts(self) -> Dict[str, int]:
+        """Samples handed out on this rank since the run began; an in-process set has nothing to skip."""
+        return {"samples": self.delivered, "skipped": 0}

@@ -18,7 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 import torch
 
 from d2m_dist.config import ConfigError, StageConfig
-from d2m_dist.data.precomputed_batch import check_batch_shapes, precomputed_flow_batch
+from d2m_dist.data.decode import PrecomputedContract
+from d2m_dist.data.precomputed_batch import check_shards_fit_model, precomputed_flow_batch
 from d2m_dist.data.stream import ShardStream, StreamConfig, fixed_order_stream
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import FluxInputs
@@ -45,6 +46,10 @@ class BatchSource(Protocol):
 
     def load_elastic_state(self, states: List[Dict]) -> None: ...  # every old rank's state, another layout
 
+    # this rank's totals since the run began (resumes included): {"samples": delivered, "skipped": skips,
+    # "skipped/<reason>": skips for one reason, ...}; the trainer sums them over ranks
+    def data_counts(self) -> Dict[str, int]: ...
+
 
 # (stage config, this rank's coordinates, the teacher's diffusers config, the guidance value) -> source
 BatchFactory = Callable[[StageConfig, DistInfo, Any, Optional[float]], BatchSource]
@@ -70,15 +75,25 @@ class ShardBatches:
     layout continues with the batches an uninterrupted run would have seen, and
     one in another layout shares out the rest of the epoch (:meth:`load_elastic_state`).
     Noise and timesteps come from ``(seed, draw, micro, rank)``.
+
+    With ``model_config``, the shards are checked to be made for that model
+    before anything is read (:func:`check_shards_fit_model`), and every sample
+    is checked against its :class:`PrecomputedContract`: one that does not fit
+    is skipped and counted (:meth:`data_counts`) instead of failing a step.
     """
 
     def __init__(self, urls: str, batch_size: int, rank: int, world: int, seed: int, num_workers: int,
                  guidance: float | None, model_config=None, mode: str = "epoch"):
-        self.stream = ShardStream(StreamConfig(urls=urls, kind="precomputed", mode=str(mode), batch_size=batch_size,
-                                               seed=seed, rank=rank, world_size=world, num_workers=num_workers))
+        contract = PrecomputedContract() if model_config is None else PrecomputedContract.for_model(model_config)
+        if model_config is not None:
+            check_shards_fit_model(urls, model_config)
+        self.stream = ShardStream(StreamConfig(
+            urls=urls, kind="precomputed", mode=str(mode), batch_size=batch_size, seed=seed, rank=rank, world_size=world,
+            num_workers=num_workers, latent_channels=contract.latent_channels,
+            prompt_embeds_width=contract.prompt_embeds_width, pooled_width=contract.pooled_width))
         self.rank, self.world, self.seed, self.guidance = rank, world, seed, guidance
         self.batch_size = batch_size
-        self.urls, self.model_config, self._checked = urls, model_config, False
+        self.urls, self.contract = urls, contract
         self._it = None
         self._fixed: List[Dict] | None = None
 
@@ -86,9 +101,6 @@ class ShardBatches:
         if self._it is None:
             self._it = self.stream.forever()
         batch = precomputed_flow_batch(next(self._it), self.guidance)
-        if self.model_config is not None and not self._checked:
-            check_batch_shapes(batch, self.model_config, f"data.urls {self.urls}")
-            self._checked = True
         gen = torch.Generator().manual_seed(((self.seed * 1_000_003 + draw) * 131 + micro) * 997 + self.rank)
         return noised_inputs(batch, gen)
 
@@ -97,7 +109,7 @@ class ShardBatches:
         around a small set), with noise from ``(seed, i, rank)``."""
         if self._fixed is None:
             self._fixed = []
-            for b in fixed_order_stream(self.urls, self.batch_size):
+            for b in fixed_order_stream(self.urls, self.batch_size, contract=self.contract):
                 if len(b["latent"]) == self.batch_size:  # whole batches only: every rank's has the same size
                     self._fixed.append(b)
             if not self._fixed:
@@ -108,6 +120,14 @@ class ShardBatches:
 
     def state_dict(self) -> Dict:
         return self.stream.state_dict()
+
+    def data_counts(self) -> Dict[str, int]:
+        """This rank's training-stream totals since the run began (resumes included): ``samples`` delivered,
+        ``skipped`` in all and ``skipped/<reason>`` per reason. After a layout change the old ranks' totals
+        are rank 0's, so the sum over ranks is the run's. Fixed evaluation batches are not counted."""
+        skips = self.stream.skips
+        return {"samples": self.stream.delivered, "skipped": skips.total,
+                **{f"skipped/{reason}": n for reason, n in skips.as_dict().items()}}
 
     def load_state_dict(self, state: Dict) -> None:
         if state:
