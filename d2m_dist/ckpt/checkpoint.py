@@ -23,7 +23,8 @@ refused with one line, unread.
 Atomicity: every rank writes into ``.tmp-step_<N>``; after a barrier rank 0
 renames it to ``step_<N>``, then replaces ``latest`` (write-then-rename), then
 deletes checkpoints beyond the newest K and stale temporary folders. A crash at
-any point leaves ``latest`` naming a complete checkpoint (or none).
+any point leaves ``latest`` naming a complete checkpoint (or none); its temporary folder
+is removed by the next save, or at the next start (:meth:`CheckpointDir.remove_temporaries`).
 """
 
 from __future__ import annotations
@@ -169,6 +170,18 @@ class CheckpointDir:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         return self.root / tag
+
+    def remove_temporaries(self) -> List[Path]:
+        """Remove the ``.tmp-step_*`` folders of saves that a crash cut short; the paths removed.
+
+        Call it at start, from one process, only while no other job can write this root (the
+        trainer holds the run folder's lock): a live save's folder looks the same. Without it a
+        crashed save's folder stays until the next save completes.
+        """
+        found = sorted(self.root.glob(".tmp-step_*")) if self.root.is_dir() else []
+        for stale in found:
+            shutil.rmtree(stale, ignore_errors=True)
+        return found
 
     def open(self, tag: Optional[str] = None) -> Optional["CheckpointReader"]:
         """The reader of ``tag`` (default: latest); None when there is no checkpoint."""

@@ -2,9 +2,9 @@
 
 The run id is created once per stage directory and stored there, so a resumed
 or requeued job logs into the same run. Every logged step is also appended to
-``<stage_dir>/metrics.jsonl`` (rank 0), which needs no wandb to read; a resumed
-run appends after it, so steps between the last checkpoint and a preemption
-appear twice there (the later line is the one that counts).
+``<stage_dir>/metrics.jsonl`` (rank 0), which needs no wandb to read. A resumed
+run first drops the lines of the steps after its checkpoint (the killed run
+logged them; they are trained and logged again), so each step appears once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -23,12 +24,14 @@ class Tracker:
     """Tracking never stops training: a failing wandb (its service process killed by the
     job's signal, a full disk...) is reported once and then left alone."""
 
-    def __init__(self, stage_dir: Path, project: str, name: str, config: Dict[str, Any], enabled: bool, is_main: bool):
+    def __init__(self, stage_dir: Path, project: str, name: str, config: Dict[str, Any], enabled: bool, is_main: bool,
+                 start_step: int = 0):
         self.run = None
         self.metrics_file = stage_dir / "metrics.jsonl" if is_main else None
         id_file = stage_dir / "wandb_run_id"
         if is_main:
             stage_dir.mkdir(parents=True, exist_ok=True)
+            continue_metrics(self.metrics_file, start_step)
             if not id_file.is_file():
                 id_file.write_text(uuid.uuid4().hex[:12] + "\n")
         self.run_id = id_file.read_text().strip() if id_file.is_file() else None
@@ -67,6 +70,43 @@ class Tracker:
     def finish(self) -> None:
         self._guard("finish", lambda: self.run.finish())
         self.run = None
+
+
+def continue_metrics(path: Path, start_step: int) -> None:
+    """Make ``path`` (metrics.jsonl) end where a run starting at ``start_step`` continues.
+
+    A resume (``start_step`` > 0) keeps the lines of steps up to its checkpoint and drops the
+    later ones and any line a kill cut short, rewriting through a temporary file and
+    ``os.replace`` (a crash here leaves the old file or the new one, never half of it).
+    A fresh start over an old file (its checkpoints were deleted: nothing to continue) moves
+    it aside to ``metrics.<time>.jsonl``: appending would give steps 1, 2, ... twice, from two
+    runs, and deleting it would lose what the user may still want to compare.
+    """
+    if not path.is_file():
+        return
+    if start_step == 0:
+        if path.stat().st_size:
+            aside = path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(path, aside)
+            log.warning("%s holds an earlier run without a checkpoint to continue: moved to %s", path, aside.name)
+        return
+    tmp, dropped = path.with_name(path.name + ".tmp"), 0
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            try:
+                step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # cut short by a kill mid-write
+                continue
+            if step > start_step:
+                dropped += 1
+                continue
+            dst.write(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        os.replace(tmp, path)
+        log.info("%s: %d lines after step %d dropped (they are logged again from there)", path, dropped, start_step)
+    else:
+        tmp.unlink()
 
 
 def read_run_id(stage_dir: Path) -> Optional[str]:

@@ -30,6 +30,7 @@ from d2m_dist.ckpt.checkpoint import CheckpointDir
 from d2m_dist.ckpt.export import ExportedStateReader
 from d2m_dist.config import ConfigError, StageConfig, to_dict
 from d2m_dist.data.errors import DataError
+from d2m_dist.data.precomputed_batch import check_shards_fit_model
 from d2m_dist.data.stream import expand_shard_urls
 from d2m_dist.distill import losses as L
 from d2m_dist.distill.batches import BATCH_SOURCES, make_batches
@@ -64,6 +65,8 @@ from d2m_dist.models.teacher_identity import check_teacher_weights, teacher_fing
 from d2m_dist.parallel import deepspeed_setup as dss
 from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
+from d2m_dist.runtime.run_lock import take_run_lock
+from d2m_dist.runtime.watchdog import start_parent_watchdog
 
 log = logging.getLogger("d2m_dist.train")
 
@@ -113,6 +116,7 @@ def check_inputs(cfg: StageConfig, world: int) -> Tuple[StudentMeta, StageRecipe
     if cfg.data.source == "shards":
         try:
             expand_shard_urls(cfg.data.urls)
+            check_shards_fit_model(cfg.data.urls, teacher_cfg)  # data made for another model: one line, now
         except DataError as exc:
             raise ConfigError(str(exc)) from None
     if recipe.mob and not meta.mob.get("enabled") and not cfg.mob.enabled:
@@ -145,6 +149,7 @@ def _check_provenance(cfg: StageConfig, meta: StudentMeta) -> None:
 
 class StageTrainer:
     def __init__(self, cfg: StageConfig):
+        start_parent_watchdog()  # under torchrun or srun: exit when the launcher dies (docs/DECISIONS.md)
         self.cfg = cfg
         # user errors first: before process groups, DeepSpeed or any weights
         self.meta, self.recipe = check_inputs(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -153,6 +158,11 @@ class StageTrainer:
         self._reader = self.ckpt.open() or (ExportedStateReader(cfg.init) if cfg.ckpt.init_state else None)
         self.info: DistInfo = init_distributed(cfg.device)
         self.stage_dir = Path(cfg.run_dir) / f"stage{cfg.stage}"
+        # one writer per run folder, refused alike on every rank before any engine is built
+        self.run_lock = take_run_lock(cfg.run_dir, f"d2m train (stage {cfg.stage})")
+        if self.info.is_main:  # crashed saves' folders (the lock says no other job is writing them)
+            self.ckpt.remove_temporaries()
+            CheckpointDir(self.stage_dir / "diagnostic").remove_temporaries()
         self.device = self.info.device
         torch.manual_seed(cfg.seed)
 
@@ -190,7 +200,7 @@ class StageTrainer:
         if self.step == 0 and "start" not in self.fixed_loss:
             self.fixed_loss["start"] = self.fixed_batch_loss()
         self.tracker = Tracker(self.stage_dir, cfg.log.project, f"stage{cfg.stage}", to_dict(cfg),
-                               cfg.log.wandb, self.info.is_main)
+                               cfg.log.wandb, self.info.is_main, start_step=self.step)
         log.info("stage %d: %s trainable parameters (%s), world %d, ep_size %d, start step %d",
                  cfg.stage, f"{n_train:,}", "+".join(self.trainable), self.info.world, cfg.parallel.ep_size, self.step)
 
@@ -575,17 +585,21 @@ def _group_keys(model):
 
 def run_stage(cfg: StageConfig) -> int:
     trainer = StageTrainer(cfg)
-    code = trainer.train()
-    if code == EXIT_OK:
-        trainer.fixed_loss["end"] = trainer.fixed_batch_loss()
-        trainer.sample_grid()
-        export_student(trainer)
-    if trainer.info.is_main:
-        # torchrun reports any failing worker as exit 1; launchers read the real outcome here
-        status = os.environ.get("D2M_STATUS_FILE")
-        if status:
-            Path(status).write_text(f"{code}\n")
-        trainer.stage_dir.mkdir(parents=True, exist_ok=True)
-        (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=str))
-    return code
+    try:
+        code = trainer.train()
+        if code == EXIT_OK:
+            trainer.fixed_loss["end"] = trainer.fixed_batch_loss()
+            trainer.sample_grid()
+            export_student(trainer)
+        if trainer.info.is_main:
+            # torchrun reports any failing worker as exit 1; launchers read the real outcome here
+            status = os.environ.get("D2M_STATUS_FILE")
+            if status:
+                Path(status).write_text(f"{code}\n")
+            trainer.stage_dir.mkdir(parents=True, exist_ok=True)
+            (trainer.stage_dir / "summary.json").write_text(json.dumps(trainer.summary(), indent=2, default=str))
+        return code
+    finally:
+        if trainer.run_lock is not None:  # after the last write to the run folder (atexit covers errors in __init__)
+            trainer.run_lock.release()
 

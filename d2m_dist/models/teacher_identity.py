@@ -29,6 +29,7 @@ from typing import Dict, List, Tuple
 import torch
 from safetensors import safe_open
 
+from d2m_dist.models.flux import build_flux, resolve_transformer_dir
 from d2m_dist.models.flux_config import BUILTIN_CONFIGS, TeacherLoadError, read_safetensors_header
 
 # diffusers name -> original single-file name; all four are plain renames (no split, no reorder)
@@ -42,8 +43,6 @@ _FINGERPRINT_TENSORS = {
 
 def teacher_weight_files(path: str | Path) -> Tuple[List[Path], bool]:
     """The safetensors files of a teacher path and whether they are in the original single-file layout."""
-    from d2m_dist.models.flux import resolve_transformer_dir  # flux imports diffusers; keep this module light
-
     p = Path(path)
     if p.is_file():
         return [p], True
@@ -104,7 +103,5 @@ def teacher_fingerprint(path: str | Path) -> str:
 
 
 def _flux_shapes(config: Dict) -> Dict[str, Tuple[int, ...]]:
-    from d2m_dist.models.flux import build_flux
-
     model = build_flux(config, meta=True)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}

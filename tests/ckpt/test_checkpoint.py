@@ -108,3 +108,13 @@ def test_rng_states_round_trip(tmp_path):
     restore_rng(reader, 0, json.loads(json.dumps(reader.rank_meta(0)["rng"])))
     got = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_crashed_saves_temporary_folders_are_removed_at_start(tmp_path):
+    ckpt = CheckpointDir(tmp_path / "checkpoints")
+    assert ckpt.remove_temporaries() == []  # no folder yet
+    _save(ckpt, 2, torch.ones(3))
+    (tmp_path / "checkpoints" / ".tmp-step_4").mkdir()  # killed mid-save
+    (tmp_path / "checkpoints" / ".tmp-step_4" / "rank_00000.safetensors").write_bytes(b"partial")
+    assert ckpt.remove_temporaries() == [tmp_path / "checkpoints" / ".tmp-step_4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [LATEST, "step_2"]

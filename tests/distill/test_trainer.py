@@ -290,3 +290,192 @@ def test_grad_accum_2_at_batch_b_equals_grad_accum_1_at_batch_2b(tmp_path, digit
     assert any(not torch.equal(w1[k], init[k]) for k in w1)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _bad_sample_shards(folder: Path) -> str:
+    """4 shards of 12 good digits-shaped samples, and at the head of shards 0 and 2 three bad ones:
+    prompt_embeds of another model's width, a NaN latent, an int64 pooled vector."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    from tests.tiny import write_precomputed_shards
+
+    pattern = write_precomputed_shards(folder, shards=4, per_shard=12, latent=(1, 8, 8), text_tokens=8, dim=384)
+    rng = np.random.default_rng(7)
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a, allow_pickle=False)
+        return buf.getvalue()
+
+    for s in (0, 2):
+        path = folder / f"pre-{s:06d}.tar"
+        good = list(wds.WebDataset(str(path), shardshuffle=False))
+        with wds.TarWriter(str(path), encoder=False, mtime=0) as tar:
+            for i, (field, bad) in enumerate((("prompt_embeds.npy", np.zeros((8, 100), np.float32)),
+                                              ("latent.npy", np.full((1, 8, 8), np.nan, np.float32)),
+                                              ("pooled.npy", np.arange(384, dtype=np.int64)))):
+                sample = {"__key__": f"bad{s}{i}", "txt": b"bad", "latent.npy": npy(rng.standard_normal((1, 8, 8)).astype(np.float32)),
+                          "prompt_embeds.npy": npy(rng.standard_normal((8, 384)).astype(np.float32)),
+                          "pooled.npy": npy(rng.standard_normal(384).astype(np.float32))}
+                sample[field] = npy(bad)
+                tar.write(sample)
+            for sample in good:
+                tar.write({k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"})
+    return pattern
+
+
+def _counting_worker(rank, world, overrides):
+    """A stage that may stop on bad data: its exit code, or its error line, per rank."""
+    os.environ["LOCAL_SIZE"] = str(world)
+    from d2m_dist.config import ConfigError, StageConfig, load_config
+    from d2m_dist.distill.trainer import StageTrainer
+
+    cfg = load_config(StageConfig, None, overrides)
+    trainer = StageTrainer(cfg)
+    try:
+        outcome = {"code": trainer.train(), "summary_data": trainer.summary()["data"]}
+    except ConfigError as exc:
+        outcome = {"error": str(exc), "everywhere": exc.everywhere}
+    Path(cfg.run_dir, f"outcome{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_bad_samples_are_counted_over_ranks_and_too_many_stop_every_rank(tmp_path, digits_teacher, digits_student):
+    """Six bad samples among 48 good ones, over 2 ranks: each a counted skip under its reason, summed over
+    the ranks into metrics.jsonl and summary.json; with a limit below their share both ranks stop with
+    the same line."""
+    from tests.distributed import run_ranks
+
+    urls = _bad_sample_shards(tmp_path / "shards")
+    # one epoch: 48 good samples = 6 steps x 2 ranks x 4
+    common = ["steps=6", "data.batch_size=4", "parallel.ep_size=2", "data.source=shards", f"data.urls={urls}",
+              "log.every=3"]
+    run = tmp_path / "counted"
+    run_ranks(_counting_worker, 2, _stage_overrides(run, digits_teacher, digits_student, *common), timeout=300)
+    # 6 steps x 2 ranks x 4, less the NaN sample each rank found in one batch when decoding it (that batch
+    # went out with 3); the shape and dtype of the other two are seen from the headers, before batching
+    want = {"samples": 46, "skipped": 6, "skipped/bad_dtype": 2, "skipped/bad_shape": 2, "skipped/non_finite": 2}
+    for rank in (0, 1):
+        assert json.loads((run / f"outcome{rank}.json").read_text()) == {"code": 0, "summary_data": want}
+    lines = [json.loads(line) for line in (run / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [3, 6]
+    assert {k.removeprefix("data/"): v for k, v in lines[-1].items() if k.startswith("data/")} == want
+
+    stopped = tmp_path / "stopped"
+    run_ranks(_counting_worker, 2, _stage_overrides(stopped, digits_teacher, digits_student, *common,
+                                                    "data.max_skipped_fraction=0.1", "data.skip_check_after=16",
+                                                    "log.every=6"),
+              timeout=300)
+    # checked at step 6, when every bad sample was read (a NaN is found when its batch is decoded): 6 of 52
+    outcomes = [json.loads((stopped / f"outcome{rank}.json").read_text()) for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1] and outcomes[0]["everywhere"], outcomes
+    assert outcomes[0]["error"].startswith("data: 6 of 52 samples read so far were skipped as bad input "
+                                           "(bad_dtype 2, bad_shape 2, non_finite 2), more than "
+                                           "data.max_skipped_fraction=0.1"), outcomes[0]
+
+
+# ----------------------------------------------------------------------------- crashes and concurrent starts
+
+
+def test_a_second_start_on_a_held_run_dir_is_refused_in_one_line(tmp_path, digits_teacher, digits_student):
+    """The lock is held (here by this test process, alive on this host): `d2m train` stops before any engine."""
+    import subprocess
+    import sys
+
+    from d2m_dist.runtime.run_lock import RunLock
+
+    cfg = stage_config(tmp_path, digits_teacher, digits_student)
+    with RunLock(tmp_path / "run", "d2m train (stage 2)"):
+        p = subprocess.run([sys.executable, "-m", "d2m_dist.cli", "train", "--config", str(cfg), "steps=2"],
+                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in p.stderr.splitlines() if line.startswith("d2m: error:")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    assert f"is in use by d2m train (stage 2) (pid {os.getpid()} on " in errors[0]
+    assert not (tmp_path / "run" / "stage2").exists()
+
+
+def test_sigkill_of_the_launcher_leaves_no_process_and_the_rerun_cleans_up_and_resumes(
+        tmp_path, digits_teacher, digits_student, digits_latent_shards):
+    """The launcher's process group SIGKILLed mid-run: torchrun's workers (sessions of their own, so the
+    signal misses them) and their DataLoader workers exit by themselves. The same command again removes
+    what a kill leaves (DeepSpeed's /dev/shm buffers, the run lock, cut saves' temporary folders),
+    resumes from the checkpoint, and metrics.jsonl ends with each step once."""
+    import glob
+    import time
+
+    import psutil
+
+    from d2m_dist.parallel.dist import SHM_MIN_AGE_S
+
+    run = tmp_path / "run"
+    stage = run / "stage2"
+    steps = ["steps=10", "parallel.ep_size=2", "data.batch_size=4", "ckpt.every=4", "data.source=shards",
+             f"data.urls={digits_latent_shards}", "data.num_workers=1", f"run_dir={run}"]
+    cfg = stage_config(tmp_path, digits_teacher, digits_student)
+    ours = lambda: [p for p in psutil.process_iter(["cmdline"]) if f"run_dir={run}" in (p.info["cmdline"] or [])]  # noqa: E731
+
+    def alive(p):
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    proc = launch(cfg, 2, *steps, wait=False, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 5/10" in line:
+            break
+    job = ours()  # local.sh, torchrun, the two workers (and their forked DataLoader workers)
+    family = {p.pid: p for p in job}
+    for p in job:
+        family.update({c.pid: c for c in p.children(recursive=True)})
+    # torchrun's workers lead sessions of their own: a signal to the launcher's group misses them
+    workers = [p for p in job if "TORCHELASTIC_RUN_ID" in p.environ() and os.getsid(p.pid) == p.pid]
+    assert len(workers) == 2 and os.getsid(proc.pid) == proc.pid, "".join(seen)[-3000:]
+    assert sum(p.ppid() in {w.pid for w in workers} for p in family.values()) >= 2  # a DataLoader worker each
+    env = workers[0].environ()
+    buffers = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_*")
+    lock = (run / ".d2m-lock").read_bytes()
+    assert len(buffers) == 2
+    # The workers are frozen while their launcher dies and thawed after their watchdogs' next poll is
+    # due: they act at once, so the run stops here (a step takes ~0.1 s, a poll comes every 1 s).
+    for w in workers:
+        os.killpg(w.pid, signal.SIGSTOP)
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = time.time()
+    proc.wait(timeout=60)
+    time.sleep(2)
+    for w in workers:
+        os.killpg(w.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in family.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p.cmdline() for p in family.values() if alive(p)] and not ours()
+
+    # The first worker whose watchdog fires dies by SIGKILL; a peer may see the broken connection first
+    # and run its at-exit clean-up (buffers, lock). Put back what a kill of every rank leaves, as it was.
+    for b in buffers:
+        if not os.path.exists(b):
+            Path(b).write_bytes(b"\0" * 4096)
+            os.utime(b, (killed_at, killed_at))
+    if not (run / ".d2m-lock").exists():
+        (run / ".d2m-lock").write_bytes(lock)
+    assert (stage / "checkpoints" / "latest").read_text().strip() == "step_4"
+    records = lambda: [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert 5 in [r["step"] for r in records()]  # logged after the checkpoint: the rerun trains step 5 again
+    (stage / "checkpoints" / ".tmp-step_8").mkdir()  # as a kill during a save leaves them
+    (stage / "diagnostic" / ".tmp-step_3").mkdir(parents=True)
+    # a buffer is stale once unwritten for SHM_MIN_AGE_S (all-reduces keep a live run's buffers younger)
+    time.sleep(max(0.0, max(os.stat(b).st_mtime for b in buffers) + SHM_MIN_AGE_S + 1 - time.time()))
+
+    p = launch(cfg, 2, *steps)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "resumed from" in out and "taking over the lock" in out and "has ended" in out
+    assert not [b for b in buffers if os.path.exists(b)]
+    assert not (stage / "diagnostic" / ".tmp-step_3").exists() and not (stage / "checkpoints" / ".tmp-step_8").exists()
+    assert [r["step"] for r in records() if "loss/total" in r] == list(range(1, 11))
+    assert not (run / ".d2m-lock").exists() and not ours()
