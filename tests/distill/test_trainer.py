@@ -479,3 +479,39 @@ def test_sigkill_of_the_launcher_leaves_no_process_and_the_rerun_cleans_up_and_r
     assert not (stage / "diagnostic" / ".tmp-step_3").exists() and not (stage / "checkpoints" / ".tmp-step_8").exists()
     assert [r["step"] for r in records() if "loss/total" in r] == list(range(1, 11))
     assert not (run / ".d2m-lock").exists() and not ours()
+
+
+def _dry_rank_worker(rank, world, overrides):
+    """Rank 1's data runs dry at draw 2; both ranks must stop with the same line instead of rank 0
+    waiting in a collective for a peer that died."""
+    os.environ["LOCAL_SIZE"] = str(world)
+    from d2m_dist.config import ConfigError, StageConfig, load_config
+    from d2m_dist.data.errors import DataError
+    from d2m_dist.distill.trainer import StageTrainer
+
+    cfg = load_config(StageConfig, None, overrides)
+    trainer = StageTrainer(cfg)
+    get = trainer.batches.get
+
+    def batches(draw, micro=0):
+        if rank == 1 and draw == 2:
+            raise DataError("data urls yield no batch at all for rank 1")
+        return get(draw, micro)
+
+    trainer.batches.get = batches
+    try:
+        outcome = {"code": trainer.train()}
+    except ConfigError as exc:
+        outcome = {"error": str(exc), "everywhere": exc.everywhere, "step": trainer.step}
+    Path(cfg.run_dir, f"outcome{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_data_error_on_one_rank_stops_every_rank_with_its_line(tmp_path, digits_teacher, digits_student):
+    from tests.distributed import run_ranks
+
+    run = tmp_path / "run"
+    run_ranks(_dry_rank_worker, 2, _stage_overrides(run, digits_teacher, digits_student, "steps=4",
+                                                     "data.batch_size=2", "parallel.ep_size=2"), timeout=300)
+    outcomes = [json.loads((run / f"outcome{rank}.json").read_text()) for rank in (0, 1)]
+    assert outcomes[0] == outcomes[1] == {"error": "rank 1: data urls yield no batch at all for rank 1",
+                                          "everywhere": True, "step": 2}, outcomes
