@@ -19,7 +19,7 @@ import torch
 
 from d2m_dist.config import ConfigError, StageConfig
 from d2m_dist.data.decode import PrecomputedContract
-from d2m_dist.data.precomputed_batch import check_shards_fit_model, precomputed_flow_batch
+from d2m_dist.data.precomputed_batch import precomputed_flow_batch
 from d2m_dist.data.stream import ShardStream, StreamConfig, fixed_order_stream
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import FluxInputs
@@ -76,17 +76,15 @@ class ShardBatches:
     one in another layout shares out the rest of the epoch (:meth:`load_elastic_state`).
     Noise and timesteps come from ``(seed, draw, micro, rank)``.
 
-    With ``model_config``, the shards are checked to be made for that model
-    before anything is read (:func:`check_shards_fit_model`), and every sample
-    is checked against its :class:`PrecomputedContract`: one that does not fit
+    With ``model_config``, every sample is checked against the model's
+    :class:`PrecomputedContract`: one that does not fit
     is skipped and counted (:meth:`data_counts`) instead of failing a step.
     """
 
     def __init__(self, urls: str, batch_size: int, rank: int, world: int, seed: int, num_workers: int,
                  guidance: float | None, model_config=None, mode: str = "epoch"):
+        # (the stage start already ran check_shards_fit_model, on every rank, before any engine)
         contract = PrecomputedContract() if model_config is None else PrecomputedContract.for_model(model_config)
-        if model_config is not None:
-            check_shards_fit_model(urls, model_config)
         self.stream = ShardStream(StreamConfig(
             urls=urls, kind="precomputed", mode=str(mode), batch_size=batch_size, seed=seed, rank=rank, world_size=world,
             num_workers=num_workers, latent_channels=contract.latent_channels,

@@ -159,6 +159,7 @@ def test_nan_losses_skip_then_stop_with_diagnostic_checkpoint(tmp_path, digits_t
         ("unknown_key", "Key 'bogus' not in"),
         ("no_shards", "match no existing shard file"),
         ("negative_lr", "optim.lr must be > 0, got -0.001"),
+        ("shards_for_another_model", "prompt_embeds.npy is [8, 16]: D = 16, the model takes 384"),
         ("other_teacher", "was converted from another teacher"),
         ("not_flux_weights", "the weights are not the FLUX transformer its config.json describes"),
     ],
@@ -183,6 +184,11 @@ def test_bad_input_fails_before_training(tmp_path, digits_teacher, digits_studen
         over = ["optim.bogus=1"]
     elif case == "no_shards":
         over = ["data.source=shards", f"data.urls={tmp_path}/none-{{000000..000001}}.tar"]
+    elif case == "shards_for_another_model":
+        from tests.tiny import write_precomputed_shards
+
+        urls = write_precomputed_shards(tmp_path / "shards", shards=1, latent=(1, 8, 8), text_tokens=8, dim=16)
+        over = ["data.source=shards", f"data.urls={urls}"]
     elif case == "negative_lr":
         over = ["optim.lr=-1e-3"]
     elif case in ("other_teacher", "not_flux_weights"):
