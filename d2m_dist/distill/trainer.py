@@ -53,7 +53,8 @@ from d2m_dist.models.mob import MoBGroup, apply_mob, mob_groups
 from d2m_dist.models.moe import clear_routing_stats, moe_layers
 from d2m_dist.models.portable import (
     StudentMeta,
-    load_student,
+    build_student_skeleton,
+    load_student_weights,
     read_provenance,
     to_storage_dtype,
     write_student,
@@ -65,6 +66,7 @@ from d2m_dist.models.teacher_identity import check_teacher_weights, teacher_fing
 from d2m_dist.parallel import deepspeed_setup as dss
 from d2m_dist.parallel.comm_timing import COMM_CLOCK
 from d2m_dist.parallel.dist import DistInfo, any_true, init_distributed
+from d2m_dist.parallel.expert_parallel import apply_expert_parallel
 from d2m_dist.runtime.run_lock import take_run_lock
 from d2m_dist.runtime.watchdog import start_parent_watchdog
 
@@ -166,9 +168,13 @@ class StageTrainer:
         self.device = self.info.device
         torch.manual_seed(cfg.seed)
 
+        # the student in explicit steps: built on the meta device with every expert; split over the
+        # expert-parallel group (this rank's experts, all-to-all dispatch); filled from its folder
+        # (each rank reads its own experts), fp32 master weights whatever the folder's storage dtype
         self.ep_group = ep_group = dss.expert_group(cfg.parallel.ep_size)
-        # fp32 master weights whatever the folder's storage dtype: bf16 runs as autocast
-        student = load_student(cfg.init, ep_group=ep_group, dtype=torch.float32)
+        student = build_student_skeleton(self.meta, meta_device=True)
+        apply_expert_parallel(student, ep_group)
+        student = load_student_weights(student, cfg.init, dtype=torch.float32)
         init_names = {id(p): name for name, p in student.named_parameters()}  # before MoB groups rename blocks
         self.mob_added = cfg.mob.enabled and not mob_groups(student)
         if self.mob_added:

@@ -10,10 +10,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from megatron.core.transformer.moe.moe_utils import (  # noqa: F401
         apply_router_token_dropping,
-        permute,
-        sort_chunks_by_idxs,
         switch_load_balancing_loss_func,
         topk_routing_with_score_function,
-        unpermute,
         z_loss_func,
     )

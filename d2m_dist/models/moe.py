@@ -4,10 +4,12 @@
 
 * The router is a bias-free linear layer evaluated in fp32 whatever the
   activation dtype, so routing decisions do not flip under bf16.
-* Top-k routing, capacity dropping and token permutation come from
-  megatron-core's ``moe_utils`` (pure torch, CPU and CUDA). Dispatch is dropless
-  by default and costs O(tokens * k): tokens are sorted by expert, never padded
-  to the busiest expert's load.
+* Top-k routing and capacity dropping come from megatron-core's ``moe_utils``
+  (pure torch, CPU and CUDA). Dispatch is dropless by default and costs
+  O(tokens * k): tokens are sorted by expert, never padded to the busiest
+  expert's load. Moving rows to their experts and back is the dispatcher's job
+  (``parallel/dispatch.py``), computing them the expert stack's (grouped
+  matmuls or a loop, :class:`ExpertStack`).
 * The layer runs no collective of its own except the expert-parallel token
   exchange: the load-balance and z-losses need the global batch's statistics, so
   the layer only records per-rank sums (:class:`RoutingStats`) and the trainer
@@ -16,9 +18,11 @@
 * Routed experts are stored stacked, one tensor per weight kind, so a grouped
   matmul can serve them; row ``j`` of the stack on expert-parallel rank ``r`` is
   global expert ``r * n_local + j``.
-* Under expert parallelism the permuted tokens travel by ``all_to_all`` inside
-  the expert-parallel process group, the experts run on their owner rank, and
-  the results travel back.
+* A layer is built with every expert and a local dispatcher. Expert
+  parallelism is a separate step on the built model
+  (``parallel/expert_parallel.apply_expert_parallel``): it keeps this rank's
+  slice of the stack and swaps in the all-to-all dispatcher, whose rows travel
+  inside the expert-parallel process group to their owner rank and back.
 * The dense output bias ``b`` lives once, outside the experts, so that the shared
   expert plus every routed expert with unit gates reproduces the dense FFN.
 """
@@ -30,42 +34,52 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from d2m_dist.models import _megatron as mu
 from d2m_dist.models.precision import fp32_region
 from d2m_dist.models.spec import SiteShape
-from d2m_dist.parallel.comm_timing import COMM_CLOCK
+from d2m_dist.parallel.dispatch import LocalDispatcher
 
 
-class _AllToAll(torch.autograd.Function):
-    """Differentiable ``all_to_all_single`` with uneven splits."""
+def _contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """Identity whose backward makes the incoming gradient dense (grouped_mm's backward refuses stride 0)."""
+    return _ContiguousGrad.apply(x) if x.requires_grad else x
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, output_splits: List[int], input_splits: List[int], group):
-        ctx.group, ctx.output_splits, ctx.input_splits = group, output_splits, input_splits
-        x = x.contiguous()
-        out = x.new_empty((sum(output_splits),) + tuple(x.shape[1:]))
-        with COMM_CLOCK.measure(x.device):
-            dist.all_to_all_single(out, x, output_splits, input_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _AllToAll.apply(grad.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group), None, None, None
+    def backward(ctx, grad):
+        return grad.contiguous()
 
 
-def all_to_all(x: torch.Tensor, output_splits: List[int], input_splits: List[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+EXPERT_KERNELS = ("auto", "grouped", "loop")
 
 
 class ExpertStack(nn.Module):
     """``num_local`` non-gated GELU(tanh) MLPs of the same width, stored stacked.
 
     ``w1[e]`` is expert e's up-projection (rows = its neurons), ``w2[e]`` its
-    down-projection (columns = its neurons). Experts carry no output bias.
+    down-projection (columns = its neurons). Experts carry no output bias, so a
+    row's gate multiplies its hidden activation (width ``width``) rather than its
+    output (width ``dim``): the same product, fewer elements.
+
+    Two kernels compute the same thing (``kernel``; tests compare values and
+    gradients, experts without rows included):
+
+    * ``grouped``: ``torch._grouped_mm`` over the whole stack, offsets on the
+      device, no host synchronisation; one CUTLASS kernel for bf16 on sm90+;
+    * ``loop``: one matmul per expert over its contiguous slice of rows (needs
+      the row counts on the host).
+
+    ``auto`` takes ``grouped`` where it is one kernel (CUDA, bf16, compute
+    capability 9+) and the loop elsewhere; on CPU the loop was measured faster
+    (docs/BENCHMARKS.md, ``d2m bench moe``).
     """
 
     def __init__(self, num_local: int, dim: int, width: int, dtype=None, device=None):
@@ -74,6 +88,7 @@ class ExpertStack(nn.Module):
         self.w1 = nn.Parameter(torch.empty(num_local, width, dim, **kw))
         self.b1 = nn.Parameter(torch.empty(num_local, width, **kw))
         self.w2 = nn.Parameter(torch.empty(num_local, dim, width, **kw))
+        self.kernel = "auto"
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -89,14 +104,65 @@ class ExpertStack(nn.Module):
     def num_local(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x: torch.Tensor, counts: List[int]) -> torch.Tensor:
-        """``x``: tokens sorted by local expert, ``counts[e]`` of them for expert e."""
+    def set_kernel(self, kernel: str) -> None:
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert kernel must be one of {', '.join(EXPERT_KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def resolved_kernel(self, x: torch.Tensor) -> str:
+        """The kernel that ``forward`` runs for rows like ``x``."""
+        dtype = self._compute_dtype(x)
+        size = torch.finfo(dtype).bits // 8
+        # grouped_mm wants every row stride a multiple of 16 bytes
+        aligned = (self.w1.shape[-1] * size) % 16 == 0 and (self.w1.shape[1] * size) % 16 == 0
+        if self.kernel == "grouped":
+            if not aligned:
+                raise ValueError(f"grouped experts need widths x {size} bytes divisible by 16, "
+                                 f"got dim {self.w1.shape[-1]}, width {self.w1.shape[1]}")
+            return "grouped"
+        if self.kernel == "loop":
+            return "loop"
+        one_kernel = (x.device.type == "cuda" and dtype == torch.bfloat16
+                      and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        return "grouped" if one_kernel and aligned else "loop"
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: Optional[torch.Tensor] = None,
+                host_counts: Optional[List[int]] = None) -> torch.Tensor:
+        """``x``: rows sorted by local expert, ``counts[e]`` of them for expert e; ``gates`` [rows] or None."""
+        if self.resolved_kernel(x) == "grouped":
+            return self._grouped(x, counts, gates)
+        return self._loop(x, counts.tolist() if host_counts is None else host_counts, gates)
+
+    def _grouped(self, x: torch.Tensor, counts: torch.Tensor, gates: Optional[torch.Tensor]) -> torch.Tensor:
+        dtype = self._compute_dtype(x)  # grouped_mm is not autocast-aware: cast here
+        ends = torch.cumsum(counts, 0).to(torch.int32)
+        w1, b1, w2 = self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype)
+        h = torch._grouped_mm(x.to(dtype), w1.transpose(-2, -1), offs=ends)
+        # the expert of each row, found on the device (no host sync)
+        expert = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=torch.int32), right=True)
+        h = F.gelu(h + b1.index_select(0, expert), approximate="tanh")
+        if gates is not None:
+            h = h * gates.unsqueeze(-1).to(h.dtype)
+        return _contiguous_grad(torch._grouped_mm(h, w2.transpose(-2, -1), offs=ends))
+
+    def _loop(self, x: torch.Tensor, counts: List[int], gates: Optional[torch.Tensor]) -> torch.Tensor:
         outs = []
+        # unbind, not w1[e]: the backward of each select would allocate a zero tensor the size of
+        # the whole stack, once per expert and weight
+        w1, b1, w2 = self.w1.unbind(0), self.b1.unbind(0), self.w2.unbind(0)
+        gate_chunks = torch.split(gates, counts) if gates is not None else [None] * len(counts)
         # empty chunks run too: every expert stays in the graph, so all ranks'
         # backward passes (and DeepSpeed's gradient hooks) see the same parameters
-        for e, chunk in enumerate(torch.split(x, counts, dim=0)):
-            h = F.gelu(F.linear(chunk, self.w1[e], self.b1[e]), approximate="tanh")
-            outs.append(F.linear(h, self.w2[e]))
+        for e, (chunk, g) in enumerate(zip(torch.split(x, counts, dim=0), gate_chunks)):
+            h = F.gelu(F.linear(chunk, w1[e], b1[e]), approximate="tanh")
+            if g is not None:
+                h = h * g.unsqueeze(-1).to(h.dtype)
+            outs.append(F.linear(h, w2[e]))
         return torch.cat(outs, dim=0) if outs else x.new_zeros(0, x.shape[-1])
 
 
@@ -147,7 +213,6 @@ class MoEFeedForward(nn.Module):
         renormalize: bool = False,
         z_loss_coeff: float = 0.0,
         capacity_factor: Optional[float] = None,
-        ep_group=None,
         dtype=None,
         device=None,
     ):
@@ -160,15 +225,11 @@ class MoEFeedForward(nn.Module):
         self.capacity_factor = capacity_factor
         # unit_gates: every routed expert on with gate 1 (dense-equivalence checks)
         self.unit_gates = False
-        self.ep_group = ep_group
-        ep_size = dist.get_world_size(ep_group) if ep_group is not None else 1
-        ep_rank = dist.get_rank(ep_group) if ep_group is not None else 0
-        if shape.num_experts % ep_size:
-            raise ValueError(f"ep_size {ep_size} does not divide the {shape.num_experts} experts")
-        self.ep_size = ep_size
-        num_local = shape.num_experts // ep_size
-        self.expert_offset = ep_rank * num_local
-
+        # every expert on this rank; parallel/expert_parallel.apply_expert_parallel slices the
+        # stack and swaps in the all-to-all dispatcher
+        self.dispatcher = LocalDispatcher()
+        self.expert_offset = 0
+        num_local = shape.num_experts
         self.shared = SharedExpert(shape.dim, shape.shared_width, dtype=dtype, device=device) if shape.shared_width else None
         self.experts = ExpertStack(num_local, shape.dim, shape.expert_width, dtype=dtype, device=device)
         # fp32 router regardless of the model dtype
@@ -184,6 +245,10 @@ class MoEFeedForward(nn.Module):
         if not 0 <= k <= self.num_experts:
             raise ValueError(f"top_k must lie in 0..{self.num_experts}, got {k}")
         self.top_k = k
+
+    @property
+    def ep_size(self) -> int:
+        return self.dispatcher.size
 
     @property
     def global_expert_ids(self) -> range:
@@ -221,20 +286,22 @@ class MoEFeedForward(nn.Module):
     def _routed(self, x2: torch.Tensor) -> torch.Tensor:
         probs, routing_map, logits = self.route(x2)
         dropped = 0
+        # assignments known on the host without asking the device: T * k when dropless
+        assignments = x2.shape[0] * (self.num_experts if self.unit_gates else self.top_k)
         if self.capacity_factor is not None and not self.unit_gates:
             kept_probs, kept_map = mu.apply_router_token_dropping(
                 probs, routing_map, self.top_k, self.capacity_factor, drop_policy="probs"
             )
-            dropped = int(routing_map.sum() - kept_map.sum())
+            kept = int(kept_map.sum())  # capacity dropping: the count needs the device
+            dropped, assignments = assignments - kept, kept
             probs, routing_map = kept_probs, kept_map
         tokens_per_expert = routing_map.sum(dim=0)
         self.tokens_per_expert = tokens_per_expert.detach()
         if not self.unit_gates:
             self.stats = self._routing_stats(logits, tokens_per_expert, dropped)
-        permuted, permuted_probs, sorted_indices = mu.permute(x2, routing_map, probs=probs)
-        out = self._run_experts(permuted, tokens_per_expert)
-        out = out * permuted_probs.unsqueeze(-1).to(out.dtype)
-        return mu.unpermute(out, sorted_indices, restore_shape=x2.shape)
+        d = self.dispatcher.dispatch(x2, routing_map, probs, assignments)
+        out = self.experts(d.rows, d.counts, d.gates, d.host_counts)
+        return self.dispatcher.combine(out, d)
 
     def _routing_stats(self, logits: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: int) -> RoutingStats:
         with fp32_region(logits.device.type):
@@ -244,28 +311,6 @@ class MoEFeedForward(nn.Module):
                 entropy = -(scores * torch.log(scores.clamp_min(1e-20))).sum()
         return RoutingStats(tokens=logits.shape[0], counts=tokens_per_expert.detach().float(),
                             score_sum=scores.sum(0), z_sum=z_sum, entropy_sum=entropy, dropped=dropped)
-
-    def _run_experts(self, permuted: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        """Tokens sorted by global expert id in, expert outputs in the same order out."""
-        if self.ep_size == 1:
-            return self.experts(permuted, tokens_per_expert.tolist())
-        ep, nl = self.ep_size, self.experts.num_local
-        # how many tokens of mine go to each (rank, local expert), and how many I get
-        send_counts = tokens_per_expert.to(torch.int64)
-        recv_counts = torch.empty_like(send_counts)
-        with COMM_CLOCK.measure(send_counts.device):
-            dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        input_splits = send_counts.view(ep, nl).sum(1).tolist()
-        output_splits = recv_counts.view(ep, nl).sum(1).tolist()
-        received = all_to_all(permuted, output_splits, input_splits, self.ep_group)
-        # received is laid out [source rank][local expert]; the experts want [local expert][source rank]
-        by_source = recv_counts.view(ep, nl)
-        to_expert_major = torch.arange(ep * nl).view(ep, nl).t().reshape(-1)
-        grouped, _ = mu.sort_chunks_by_idxs(received, by_source.reshape(-1), to_expert_major)
-        out = self.experts(grouped, by_source.sum(0).tolist())
-        to_source_major = torch.arange(ep * nl).view(nl, ep).t().reshape(-1)
-        out, _ = mu.sort_chunks_by_idxs(out, by_source.t().reshape(-1), to_source_major)
-        return all_to_all(out, input_splits, output_splits, self.ep_group)
 
     def extra_repr(self) -> str:
         s = self.shape

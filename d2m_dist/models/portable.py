@@ -181,12 +181,12 @@ def read_state_dict(folder: str | Path) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def build_student_skeleton(meta: StudentMeta, *, meta_device: bool = True, ep_group=None) -> nn.Module:
+def build_student_skeleton(meta: StudentMeta, *, meta_device: bool = True) -> nn.Module:
     """The student's modules with the right shapes and no trained weights."""
     dtype = parse_dtype(meta.dtype)
     model = build_flux(meta.base_model, dtype=dtype, meta=meta_device)
     specs = {site: MoESpec.parse(spec) for site, spec in meta.site_specs.items()}
-    convert_to_moe(model, specs, moe_config_from_dict(meta.moe), ep_group=ep_group)
+    convert_to_moe(model, specs, moe_config_from_dict(meta.moe))
     apply_mob(model, mob_config_from_dict(meta.mob))
     return model
 
@@ -204,15 +204,26 @@ def local_expert_slices(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[s
     return out
 
 
-def load_student(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None, ep_group=None
-) -> nn.Module:
+def load_student(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Rebuild a student from its folder alone (eval mode)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"student not found: {folder}")
+    model = build_student_skeleton(StudentMeta.read(folder), meta_device=True)
+    return load_student_weights(model, folder, device=device, dtype=dtype)
+
+
+def load_student_weights(
+    model: nn.Module, path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """Fill a student skeleton (meta device) from its folder; eval mode.
+
+    Under expert parallelism the skeleton was split first
+    (``parallel/expert_parallel.apply_expert_parallel``): each rank keeps only its
+    own slice of every expert stack.
+    """
+    folder = Path(path)
     meta = StudentMeta.read(folder)
-    model = build_student_skeleton(meta, meta_device=True, ep_group=ep_group)
     sd = local_expert_slices(model, read_state_dict(folder))
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:

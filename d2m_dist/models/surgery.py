@@ -118,7 +118,7 @@ class MoESingleTransformerBlock(nn.Module):
 
 
 def build_moe_layer(
-    shape: SiteShape, cfg: MoEConfig, *, out_bias: bool, dtype, device, ep_group=None
+    shape: SiteShape, cfg: MoEConfig, *, out_bias: bool, dtype, device
 ) -> MoEFeedForward:
     return MoEFeedForward(
         shape,
@@ -126,7 +126,6 @@ def build_moe_layer(
         renormalize=cfg.renormalize,
         z_loss_coeff=cfg.z_loss_coeff,
         capacity_factor=cfg.capacity_factor,
-        ep_group=ep_group,
         dtype=dtype,
         device=device,
     )
@@ -156,8 +155,6 @@ def convert_to_moe(
     specs: Dict[str, MoESpec],
     cfg: MoEConfig,
     partitions: Optional[Dict[str, SitePartition]] = None,
-    *,
-    ep_group=None,
 ) -> nn.Module:
     """Replace every site in ``specs`` by an MoE layer, in place.
 
@@ -169,9 +166,7 @@ def convert_to_moe(
         dense = dense_ffn(model, site)
         shape = spec.resolve(dense.dim, dense.hidden, site)
         dtype, device = dense.w1.dtype, dense.w1.device
-        layer = build_moe_layer(
-            shape, cfg, out_bias=stream == "double", dtype=dtype, device=device, ep_group=ep_group
-        )
+        layer = build_moe_layer(shape, cfg, out_bias=stream == "double", dtype=dtype, device=device)
         if partitions is not None:
             fill_from_dense(layer, dense, partitions[site])
         if stream == "double":

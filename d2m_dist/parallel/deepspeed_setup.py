@@ -2,8 +2,9 @@
 
 Expert parallelism with our own MoE layer (docs/DECISIONS.md has the evidence):
 
-1. the expert-parallel groups are DeepSpeed's own ``ep_size_<n>`` groups, created
-   before the student is built because our layer needs its group at construction;
+1. the expert-parallel groups are DeepSpeed's own ``ep_size_<n>`` groups (so that its
+   ZeRO optimizer reduces expert gradients in the matching expert-data-parallel
+   groups); the student is split over them by ``parallel/expert_parallel.py``;
 2. DeepSpeed recognises MoE layers only by ``isinstance(m, deepspeed.moe.layer.MoE)``,
    so each MoE layer's class is switched to a subclass of it with DeepSpeed's MoE
    class as a marker base (its ``__init__`` never runs; one such class per layer
@@ -18,13 +19,13 @@ Expert parallelism with our own MoE layer (docs/DECISIONS.md has the evidence):
    rank 0's experts for every rank); they come back from the init weights.
 
 This room knows no model class: an expert layer is any module with the
-:class:`ExpertLayer` attributes (``models/moe.MoEFeedForward`` has them).
+``parallel/expert_parallel.ExpertLayer`` attributes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterator, Optional, Protocol, Tuple
+from typing import Dict, Optional
 
 import deepspeed
 import torch
@@ -36,24 +37,9 @@ from torch import nn
 
 from d2m_dist.config import StageConfig
 from d2m_dist.parallel.dist import DistInfo
+from d2m_dist.parallel.expert_parallel import EXPERT_WEIGHTS, expert_layers
 
-EXPERT_WEIGHTS = ("w1", "b1", "w2")
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
-
-
-class ExpertLayer(Protocol):
-    """What expert parallelism needs from an MoE layer."""
-
-    experts: nn.Module  # this rank's expert stack: parameters w1, b1, w2 stacked by local expert
-    num_experts: int  # over all ranks
-    expert_offset: int  # global id of this rank's first expert
-
-
-def expert_layers(model: nn.Module) -> Iterator[Tuple[str, ExpertLayer]]:
-    """(name, layer) for every module with the :class:`ExpertLayer` attributes."""
-    for name, m in model.named_modules():
-        if all(hasattr(m, a) for a in ("experts", "num_experts", "expert_offset")):
-            yield name, m  # type: ignore[misc]
 
 
 def expert_group(ep_size: int):

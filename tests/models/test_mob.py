@@ -98,6 +98,7 @@ def _ep_mob_worker(rank, world, seed):
     from d2m_dist.config import MoEConfig
     from d2m_dist.models.spec import select_sites
     from d2m_dist.models.surgery import convert_to_moe
+    from d2m_dist.parallel.expert_parallel import apply_expert_parallel
     from tests.models.test_surgery import random_partitions
 
     group = dist.new_group(list(range(world)))
@@ -106,7 +107,8 @@ def _ep_mob_worker(rank, world, seed):
 
     def build(ep_group):
         teacher = tiny_flux(seed, num_layers=1, num_single_layers=2)
-        student = convert_to_moe(teacher, specs, cfg, random_partitions(teacher, specs), ep_group=ep_group)
+        student = convert_to_moe(teacher, specs, cfg, random_partitions(teacher, specs))
+        apply_expert_parallel(student, ep_group)  # the explicit step: this rank's experts, all-to-all
         student = apply_mob(student, MoBConfig(enabled=True, single=MoBGroupConfig(m=2, kappa=1), gate="one"))
         (_, g), = mob_groups(student)
         # every local sample on block `rank`: the other block has no sample on this rank, but its
