@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU smoke run: the library's CUDA paths end to end, and the FLUX-shaped step timing for
-# docs/BENCHMARKS.md. One script, meant for a lent GPU machine with a few minutes:
+# GPU smoke run: the library's CUDA paths end to end, and the FLUX-shaped timings for
+# docs/BENCHMARKS.md (all in $OUT/bench.md: the MoE layer, the training step, whole-model
+# inference). One script, meant for a lent GPU machine with a few minutes:
 #   bash tools/gpu_assets.sh                 # here, once: .gpu/ (teacher, shards, caption cache)
 #   bash tools/gpu_smoke.sh                  # there; wheels in .whl/ are installed first if present
 # Writes its log and results under $OUT (default /tmp/gpu_smoke).
@@ -57,8 +58,16 @@ done
 cp "$RUN"/stage3/samples/*.png "$OUT/" 2>/dev/null || true
 
 if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0 skips the 12B-parameter timing (a dry run on a CPU machine)
-  check "FLUX.1-dev step timing, batch 1" d2m bench step batch=1 --out "$OUT/bench_step.md"
-  check "FLUX.1-dev step timing, batch 2" d2m bench step batch=2 --out "$OUT/bench_step.md"
+  # every figure goes to one file, $OUT/bench.md (and the MoE layer's rows also to bench_moe.json)
+  check "MoE layer at FLUX width" d2m bench moe dims=3072 json="$OUT/bench_moe.json" --out "$OUT/bench.md"
+  # whole-model inference at full depth where FLUX.1-dev's bf16 copy (24 GB) fits several times over
+  gib=$($PYTHON -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")
+  STEP_DEPTH=${STEP_DEPTH:-$([ "${gib:-0}" -ge 60 ] && echo full || echo reduced)}
+  check "FLUX.1-dev step and inference timing, batch 1" d2m bench step batch=1 parts=train,inference \
+    depth="$STEP_DEPTH" --out "$OUT/bench.md"
+  for b in ${STEP_BATCHES:-}; do  # e.g. STEP_BATCHES=2: the training step at larger batches (about a minute each)
+    check "FLUX.1-dev step timing, batch $b" d2m bench step batch="$b" parts=train --out "$OUT/bench.md"
+  done
 fi
 stamp "done, fail=$fail"
 exit $fail
