@@ -67,7 +67,7 @@ def flops(fn: Callable[[], object]) -> int:
 def table(rows, columns) -> str:
     head = "| " + " | ".join(columns) + " |"
     sep = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(str(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join([head, sep, *body])
 
 

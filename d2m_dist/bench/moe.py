@@ -8,7 +8,9 @@ process, with the same weights throughout:
   neurons (shared expert's, then each routed expert's; :func:`dense_from_moe`), so
   the layer with unit gates reproduces it exactly;
 * ``ours``: :class:`~d2m_dist.models.moe.MoEFeedForward` (shared expert, top-k
-  routed experts, dropless);
+  routed experts, dropless) with the expert kernel it picks itself (grouped
+  matmuls on CPU and on bf16 sm90+ GPUs), and ``ours-loop``: the same layer with
+  one matmul per expert (``ExpertStack`` kernel ``loop``), the evidence for that pick;
 * ``ds-dropless`` and ``ds-cf1.25``: DeepSpeed's stock ``deepspeed.moe.layer.MoE``
   (ep_size 1) holding our routed experts (one module per expert) and our router
   weights in its gate, with our shared expert and output bias added in front so
@@ -65,7 +67,7 @@ MODES = ("forward", "forward+backward")
 CAPACITY_FACTOR = 1.25
 # DeepSpeed variants and their capacity factor (None: dropless)
 DEEPSPEED = {"ds-dropless": None, f"ds-cf{CAPACITY_FACTOR:g}": CAPACITY_FACTOR}
-VARIANTS = ("dense", "ours", *DEEPSPEED)
+VARIANTS = ("dense", "ours", "ours-loop", *DEEPSPEED)
 # what init_distributed sets for a world of one, restored afterwards
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
 
@@ -175,6 +177,10 @@ def build_variants(shape: SiteShape, names: Sequence[str], device: torch.device,
         if name in DEEPSPEED:
             site = DeepSpeedSite(ours, DEEPSPEED[name])
             models[name] = _cast_(site, device, dtype, [site.gate])
+    if "ours-loop" in names:  # the same layer with the per-expert loop instead of the kernel auto picks
+        loop = copy.deepcopy(ours)
+        loop.experts.set_kernel("loop")
+        models["ours-loop"] = _cast_(loop, device, dtype, [loop.router])
     if "ours" in names:
         models["ours"] = ours
     _cast_(ours, device, dtype, [ours.router])

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from d2m_dist.bench import data, export, mob, moe, partition, step
+from d2m_dist.bench import data, ep, export, mob, moe, partition, step
 from d2m_dist.bench.common import Row, machine, table
 from d2m_dist.config import CalibrationConfig, ConfigError
 from d2m_dist.digits.batches import digits_batches
@@ -80,7 +80,13 @@ def _bench_moe(kv: Dict[str, str]):
     return rows, moe.COLUMNS
 
 
-BENCHMARKS = {"export": _bench_export, "mob": _bench_mob, "moe": _bench_moe, "partition": _bench_partition,
+def _bench_ep(kv: Dict[str, str]):
+    rows = ep.run(run=kv.pop("run", None), ranks=kv.pop("ranks", "2"), state_ranks=kv.pop("state_ranks", "1,2,4"),
+                  steps=int(kv.pop("steps", 120)))
+    return rows, ep.COLUMNS
+
+
+BENCHMARKS = {"ep": _bench_ep, "export": _bench_export, "mob": _bench_mob, "moe": _bench_moe, "partition": _bench_partition,
               "data": _bench_data, "step": _bench_step}
 
 

@@ -408,6 +408,9 @@ class StageTrainer:
         if self.info.is_main and cfg.log.progress:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         samples_per_step = cfg.data.batch_size * self.info.world * cfg.optim.grad_accum
+        # throughput over the unmeasured steps since the last log, beside the logged step's own
+        # (which synchronises around every collective to split out communication)
+        self._window = (time.perf_counter(), self.step)
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -432,6 +435,7 @@ class StageTrainer:
                     if not k.startswith("time/") and k not in ("total", "tokens_per_sample"):
                         self.history.setdefault(k, []).append(v)
                 dt = time.perf_counter() - t0
+                self._step_start = t0
                 if self.step % max(1, cfg.log.every) == 0 or self.step == cfg.steps:
                     self._log(values, dt, samples_per_step)
                 if bar is not None:
@@ -515,6 +519,10 @@ class StageTrainer:
         metrics.update({k: v for k, v in values.items() if k.startswith("time/")})
         metrics.update(flatten_metrics(load, usage))
         metrics["images_per_s"] = samples_per_step / dt
+        t_window, step_window = self._window
+        if self.step - 1 > step_window:  # the steps before this one since the last log
+            metrics["images_per_s_between_logs"] = (self.step - 1 - step_window) * samples_per_step / (
+                self._step_start - t_window)
         metrics["tokens_per_s"] = samples_per_step * values.pop("tokens_per_sample", 0.0) / dt
         metrics["lr"] = self.engine.get_lr()[0]
         metrics["skipped_steps"] = self.skipped_steps
@@ -525,6 +533,7 @@ class StageTrainer:
         self.last_metrics = metrics
         self.tracker.log(metrics, self.step)
         self._check_skip_share(self.last_data_counts)  # after logging: the counts that stop the run are on record
+        self._window = (time.perf_counter(), self.step)
         if self.info.is_main:
             log.info("step %d/%d loss %.6f %s", self.step, self.cfg.steps, values["total"],
                      " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total", "tokens_per_sample") and not k.startswith("time/")))
@@ -540,6 +549,7 @@ class StageTrainer:
             "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},
             "data": getattr(self, "last_data_counts", {}),
+            "state_bytes_rank0": dss.state_bytes(self.engine),  # expert weights and optimizer state
             "wandb_run_id": self.tracker.run_id,
             "history": self.history,
         }

@@ -78,8 +78,9 @@ class ExpertStack(nn.Module):
       the row counts on the host).
 
     ``auto`` takes ``grouped`` where it is one kernel (CUDA, bf16, compute
-    capability 9+) and the loop elsewhere; on CPU the loop was measured faster
-    (docs/BENCHMARKS.md, ``d2m bench moe``).
+    capability 9+) and on CPU, where its C++ loop beat ours side by side
+    (docs/BENCHMARKS.md, ``d2m bench moe``); the Python loop elsewhere (other
+    GPUs and dtypes, widths grouped_mm cannot take).
     """
 
     def __init__(self, num_local: int, dim: int, width: int, dtype=None, device=None):
@@ -127,9 +128,11 @@ class ExpertStack(nn.Module):
             return "grouped"
         if self.kernel == "loop":
             return "loop"
-        one_kernel = (x.device.type == "cuda" and dtype == torch.bfloat16
-                      and torch.cuda.get_device_capability(x.device)[0] >= 9)
-        return "grouped" if one_kernel and aligned else "loop"
+        if x.device.type == "cuda":
+            supported = dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+        else:
+            supported = x.device.type == "cpu"
+        return "grouped" if supported and aligned else "loop"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, gates: Optional[torch.Tensor] = None,
                 host_counts: Optional[List[int]] = None) -> torch.Tensor:

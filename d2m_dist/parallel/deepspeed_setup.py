@@ -216,3 +216,26 @@ def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict
                 dist.all_gather(parts, local, group=ep_group)
                 sd[f"{name}.experts.{w}"] = torch.cat(parts).cpu()
     return sd
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def state_bytes(engine) -> Dict[str, int]:
+    """What this rank holds for training, in bytes, measured from the live tensors.
+
+    ``expert_weights``: the expert stacks on this rank's module; ``optimizer``: the
+    base optimizer's parameters (ZeRO's fp32 partitions) and their state (Adam's
+    moments), every group. Expert parallelism divides the first; with one
+    expert-data-parallel rank per expert it divides the experts' share of the second.
+    """
+    experts = sum(_nbytes(p) for _, m in expert_layers(engine.module) for p in m.experts.parameters())
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer = 0
+    for group in base.param_groups:
+        for p in group["params"]:
+            optimizer += _nbytes(p)
+            optimizer += sum(_nbytes(t) for t in base.state.get(p, {}).values()
+                             if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return {"expert_weights": experts, "optimizer": optimizer}

@@ -155,13 +155,20 @@ class AllToAllDispatcher:
         counts_host = torch.stack([send_counts, recv_counts]).cpu()
         send_by_rank, recv_by_rank = counts_host.view(2, ep, nl).sum(2).tolist()
         recv = counts_host[1].view(ep, nl)  # [source rank][local expert]
-        received = all_to_all(rows, recv_by_rank, send_by_rank, self.group)
-        received_gates = all_to_all(gates, recv_by_rank, send_by_rank, self.group)
         to_expert_major = chunk_permutation(recv).to(x.device)
+        if rows.dtype == torch.float32:
+            # the gates ride along as one more column: one exchange instead of two (each costs a
+            # latency that small layers feel), and the gates' gradients come back with the rows'
+            packed = all_to_all(torch.cat([rows, gates.unsqueeze(1)], 1), recv_by_rank, send_by_rank, self.group)
+            packed = packed.index_select(0, to_expert_major)
+            received, received_gates = packed[:, :-1].contiguous(), packed[:, -1]
+        else:  # a bf16 column would round the gates
+            received = all_to_all(rows, recv_by_rank, send_by_rank, self.group).index_select(0, to_expert_major)
+            received_gates = all_to_all(gates, recv_by_rank, send_by_rank, self.group).index_select(0, to_expert_major)
         exchange = _Exchange(send_by_rank, recv_by_rank, chunk_permutation(recv.t()).to(x.device))
         local_counts = recv.sum(0)
-        return Dispatched(received.index_select(0, to_expert_major), received_gates.index_select(0, to_expert_major),
-                          local_counts.to(x.device), local_counts.tolist(), token_index, x.shape[0], exchange)
+        return Dispatched(received, received_gates, local_counts.to(x.device), local_counts.tolist(), token_index,
+                          x.shape[0], exchange)
 
     def combine(self, out: torch.Tensor, d: Dispatched) -> torch.Tensor:
         e = d.exchange

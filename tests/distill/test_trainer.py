@@ -41,6 +41,12 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
     # per-element differences of a few 1e-6 (updates are lr=1e-3 sized): compare at 1e-5
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+    # what a rank holds: ep_size 2 halves the expert weights exactly; ZeRO-2 halves the optimizer's
+    # fp32 partitions and moments of the routers (2 data-parallel ranks) and experts (2 owners) alike,
+    # up to its flat buffers' alignment padding
+    b1, b2 = s1["state_bytes_rank0"], s2["state_bytes_rank0"]
+    assert b2["expert_weights"] * 2 == b1["expert_weights"] > 0
+    assert abs(b2["optimizer"] * 2 / b1["optimizer"] - 1) < 0.01, (b1, b2)
     # the step-time split, logged every step (log.every=1): communication apart from compute
     split = ("time/data", "time/teacher_forward", "time/student_forward_backward", "time/optimizer",
              "time/communication")
