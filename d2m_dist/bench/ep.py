@@ -134,9 +134,11 @@ def run(run: Optional[str] = None, ranks: str = "2", state_ranks: str = "1,2,4",
                 r["vs 1 rank"] = r["images/s"] / base["images/s"]
                 rows.append(r)
             states = {n: state(assets, work, n, log) for n in state_at}
-        except RuntimeError:
-            print(log.read_text()[-4000:], file=sys.stderr)
-            raise
+        except RuntimeError as exc:
+            # the runs' output outlives the temporary folder: the failing rank's traceback is in it
+            kept = Path(tempfile.gettempdir()) / "d2m-bench-ep-failed.log"
+            kept.write_text(log.read_text())
+            raise RuntimeError(f"{str(exc).split(' (log:')[0]} (its output: {kept})") from None
     table: List[Row] = []
     for r in rows:
         table.append({"what": f"stage 2, {r['ranks']} rank(s), ep_size {r['ep_size']}",

@@ -145,7 +145,13 @@ class ExpertStack(nn.Module):
         dtype = self._compute_dtype(x)  # grouped_mm is not autocast-aware: cast here
         ends = torch.cumsum(counts, 0).to(torch.int32)
         w1, b1, w2 = self.w1.to(dtype), self.b1.to(dtype), self.w2.to(dtype)
-        h = torch._grouped_mm(x.to(dtype), w1.transpose(-2, -1), offs=ends)
+        x = x.to(dtype)
+        if (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+            # a view whose row stride grouped_mm refuses: zero rows or one row sliced from a wider
+            # tensor count as contiguous whatever their stride (under EP the rows arrive packed
+            # with their gates as one more column, and a rank may receive none)
+            x = x.clone(memory_format=torch.contiguous_format)
+        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=ends)
         # the expert of each row, found on the device (no host sync)
         expert = torch.searchsorted(ends, torch.arange(x.shape[0], device=x.device, dtype=torch.int32), right=True)
         h = F.gelu(h + b1.index_select(0, expert), approximate="tanh")

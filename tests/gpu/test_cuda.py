@@ -60,3 +60,35 @@ def test_zero3_offloaded_teacher_on_cuda_equals_plain(tmp_path):
     engine = FrozenTeacher(cfg, info.device).engine
     x = tiny_inputs(seed=0).to("cuda")
     assert_engine_matches_plain(plain, engine, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the grouped kernel is one CUTLASS kernel on sm90+")
+def test_grouped_experts_in_bf16_match_the_loop_without_a_host_sync():
+    from d2m_dist.models.moe import MoEFeedForward
+    from d2m_dist.models.spec import MoESpec
+
+    torch.manual_seed(0)
+    layer = MoEFeedForward(MoESpec.parse("1S12E2A").resolve(256, 1024)).cuda()
+    x = torch.randn(512, 256, device="cuda")
+    outs = []
+    for kernel in ("grouped", "loop"):
+        layer.experts.set_kernel(kernel)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().pow(2).mean().backward()
+        outs.append((y.float(), xi.grad, layer.experts.w1.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # dropless routing, local dispatch and the grouped kernel: no device-to-host copy in the forward
+    layer.experts.set_kernel("auto")
+    assert layer.experts.resolved_kernel(x.bfloat16()) == "grouped"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

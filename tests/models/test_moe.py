@@ -154,6 +154,17 @@ def test_expert_parallel_all_to_all_matches_single_rank(capacity_factor, dtype):
     run_ranks(_ep_worker, 2, x_all, state, capacity_factor, dtype)
 
 
+@pytest.mark.multiproc
+def test_expert_parallel_when_one_rank_s_experts_receive_no_token():
+    """Every token prefers experts 0 and 1 (rank 0's): rank 1 receives zero rows, runs its experts on
+    nothing, and both ranks still match the single-rank layer (a zero-row view once broke the kernel)."""
+    layer = make_layer()
+    state = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    state["router.weight"] = torch.cat([torch.ones(2, 16), -torch.ones(2, 16)])
+    x_all = torch.randn(2, 9, 16).abs()
+    run_ranks(_ep_worker, 2, x_all, state)
+
+
 @pytest.mark.parametrize("empty", [False, True], ids=["all experts busy", "experts without rows"])
 def test_grouped_kernel_equals_the_loop_in_values_and_gradients(empty):
     from d2m_dist.models.moe import ExpertStack
@@ -210,3 +221,26 @@ def test_grouped_kernel_refuses_misaligned_widths_and_auto_falls_back():
         stack(x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="expert kernel"):
         stack.set_kernel("fast")
+
+
+def test_grouped_kernel_takes_a_single_row_view_of_any_stride():
+    """A one-row or zero-row slice of a wider tensor is 'contiguous' to torch whatever its row stride,
+    which grouped_mm refuses (seen under EP: the rows arrive packed with their gates as one more
+    column, and a rank may receive none for a layer)."""
+    from d2m_dist.models.moe import ExpertStack
+
+    torch.manual_seed(4)
+    stack = ExpertStack(2, 16, 12)
+    packed = torch.randn(1, 17)
+    x = packed[:, :16].contiguous()
+    assert x.is_contiguous() and x.stride(0) == 17
+    counts = torch.tensor([0, 1])
+    stack.set_kernel("grouped")
+    out = stack(x, counts)
+    stack.set_kernel("loop")
+    torch.testing.assert_close(out, stack(x, counts))
+    # and zero rows (a rank that receives no token), sliced the same way
+    none = torch.randn(0, 17)[:, :16].contiguous()
+    assert none.stride(0) == 17
+    stack.set_kernel("grouped")
+    assert stack(none, torch.tensor([0, 0])).shape == (0, 16)
