@@ -5,8 +5,9 @@ Two measurements, each a real ``d2m train`` run through ``launchers/local.sh``
 
 * throughput: stage 2 (routed experts and routers train, ZeRO-2) for ``steps``
   steps at the same per-rank batch, one thread per rank on CPU, on 1 rank with
-  ep_size 1 and on each of ``ranks`` with ep_size = ranks. Images/s is the median
-  over log intervals of the steps between logs (``images_per_s_between_logs``: the
+  ep_size 1 and on each of ``ranks`` with ep_size = ranks, ``repeats`` runs each,
+  alternated. Images/s is the median over every run's log intervals of the steps
+  between logs (``images_per_s_between_logs``: the
   logged steps themselves synchronise around every collective to time them); the
   step-time split (data, teacher, student, communication, optimizer) comes from
   the logged steps and says what the communication costs;
@@ -88,15 +89,18 @@ def _median(rows: List[Dict], key: str) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def throughput(assets: Path, work: Path, nproc: int, steps: int, log: Path) -> Row:
-    """Stage 2 on ``nproc`` ranks with ep_size ``nproc``: images/s and the logged steps' time split."""
-    stage = _stage(assets, "stage2", nproc, nproc, work / f"throughput-{nproc}",
+def throughput(assets: Path, work: Path, nproc: int, steps: int, log: Path, repeat: int = 0) -> List[Dict]:
+    """One stage-2 run on ``nproc`` ranks with ep_size ``nproc``: its log records after the first."""
+    stage = _stage(assets, "stage2", nproc, nproc, work / f"throughput-{nproc}-{repeat}",
                    [f"init={assets}/stage1/export", f"steps={steps}", "log.every=10", f"ckpt.every={10 * steps}"], log)
-    rows = _metrics(stage)[1:]  # the first interval holds the warm-up (allocations, first all_to_all)
+    return _metrics(stage)[1:]  # the first interval holds the warm-up (allocations, first all_to_all)
+
+
+def _throughput_row(nproc: int, steps: int, records: List[Dict]) -> Row:
     row: Row = {"ranks": nproc, "ep_size": nproc, "steps": steps,
-                "images/s": _median(rows, "images_per_s_between_logs")}
+                "images/s": _median(records, "images_per_s_between_logs")}
     for key in ("data", "teacher_forward", "student_forward_backward", "communication", "optimizer"):
-        row[f"{key} ms"] = _median(rows, f"time/{key}") * 1e3
+        row[f"{key} ms"] = _median(records, f"time/{key}") * 1e3
     return row
 
 
@@ -116,23 +120,32 @@ def _ints(text: str, what: str) -> List[int]:
     return values
 
 
-def run(run: Optional[str] = None, ranks: str = "2", state_ranks: str = "1,2,4", steps: int = 120) -> List[Row]:
-    """Rows: throughput at 1 rank and at each of ``ranks`` (ep_size = ranks), then state per rank."""
+def run(run: Optional[str] = None, ranks: str = "2", state_ranks: str = "1,2,4", steps: int = 120,
+        repeats: int = 3) -> List[Row]:
+    """Rows: throughput at 1 rank and at each of ``ranks`` (ep_size = ranks), then state per rank.
+
+    Each throughput row pools the log intervals of ``repeats`` runs, alternated with the other rows'.
+    """
     scale, state_at = _ints(ranks, "ranks"), _ints(state_ranks, "state_ranks")
     if steps < 30:
         raise ConfigError(f"bench ep: steps must be at least 30 (three log intervals), got {steps}")
+    if repeats < 1:
+        raise ConfigError(f"bench ep: repeats must be at least 1, got {repeats}")
     with tempfile.TemporaryDirectory(prefix="d2m-bench-ep-") as tmp:
         work = Path(tmp)
         log = work / "runs.log"
         assets = Path(run) if run else work / "assets"
         try:
             prepare_assets(assets, log)
-            rows: List[Row] = []
-            base = throughput(assets, work, 1, steps, log)
-            for n in [1] + [n for n in scale if n != 1]:
-                r = base if n == 1 else throughput(assets, work, n, steps, log)
-                r["vs 1 rank"] = r["images/s"] / base["images/s"]
-                rows.append(r)
+            # runs alternate (1 rank, N ranks, 1 rank, ...) so that the machine's drift hits all alike
+            counts = [1] + [n for n in scale if n != 1]
+            records: Dict[int, List[Dict]] = {n: [] for n in counts}
+            for rep in range(repeats):
+                for n in counts:
+                    records[n] += throughput(assets, work, n, steps, log, rep)
+            rows = [_throughput_row(n, steps, records[n]) for n in counts]
+            for r in rows:
+                r["vs 1 rank"] = r["images/s"] / rows[0]["images/s"]
             states = {n: state(assets, work, n, log) for n in state_at}
         except RuntimeError as exc:
             # the runs' output outlives the temporary folder: the failing rank's traceback is in it

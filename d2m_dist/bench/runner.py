@@ -82,7 +82,7 @@ def _bench_moe(kv: Dict[str, str]):
 
 def _bench_ep(kv: Dict[str, str]):
     rows = ep.run(run=kv.pop("run", None), ranks=kv.pop("ranks", "2"), state_ranks=kv.pop("state_ranks", "1,2,4"),
-                  steps=int(kv.pop("steps", 120)))
+                  steps=int(kv.pop("steps", 120)), repeats=int(kv.pop("repeats", 3)))
     return rows, ep.COLUMNS
 
 

@@ -32,9 +32,11 @@ def test_table_from_recorded_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ep, "_stage", fake_stage)
     monkeypatch.setattr(ep, "prepare_assets", lambda run, log: None)
-    rows = ep.run(run=str(tmp_path), ranks="2", state_ranks="1,2,4", steps=40)
-    assert [c[1:3] for c in calls] == [(1, 1), (2, 2), (1, 1), (2, 2), (4, 4)]
-    # medians of the intervals after the first (warm-up): 100 at 1 rank, 160 at 2 ranks
+    rows = ep.run(run=str(tmp_path), ranks="2", state_ranks="1,2,4", steps=40, repeats=2)
+    # throughput runs alternate, each repeated; then one short run per state size
+    assert [c[1:3] for c in calls] == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1), (2, 2), (4, 4)]
+    assert len({c[3] for c in calls}) == len(calls)  # every run in its own folder
+    # medians of the intervals after the first (warm-up), pooled over both runs: 100 at 1 rank, 160 at 2
     assert rows[0]["images/s"] == "100" and rows[1]["images/s"] == "160" and rows[1]["vs 1 rank"] == "1.6"
     assert rows[1]["communication ms"] == "6"  # median of 4, 6, 8 ms
     assert [r["experts vs first"] for r in rows[2:]] == ["1", "0.5", "0.25"]
@@ -42,7 +44,7 @@ def test_table_from_recorded_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("setting,message", [({"ranks": "0"}, "ranks"), ({"state_ranks": "a"}, "state_ranks"),
-                                             ({"steps": 10}, "steps")])
+                                             ({"steps": 10}, "steps"), ({"repeats": 0}, "repeats")])
 def test_bad_settings_fail_before_any_run(setting, message, monkeypatch):
     monkeypatch.setattr(ep, "prepare_assets", lambda run, log: pytest.fail("ran"))
     with pytest.raises(ConfigError, match=message):
