@@ -353,6 +353,7 @@ class StageTrainer:
         values["time/student_forward_backward"] = t_fwd_bwd - self._t_teacher - (c_fwd_bwd - self._c_teacher)
         values["time/optimizer"] = t_step - c_step
         values["time/communication"] = c_fwd_bwd + c_step
+        values["time/communication_moe"] = COMM_CLOCK.ours_seconds()  # of which the MoE token exchange
         values["tokens_per_sample"] = float(inputs.hidden_states.shape[1] + inputs.encoder_hidden_states.shape[1])
         return values
 

@@ -66,6 +66,10 @@ class CommClock:
         ms = sum(t.elapsed(reset=False) for t in self._deepspeed_timers().values() if not t.started_)
         return self._ours + ms / 1000.0
 
+    def ours_seconds(self) -> float:
+        """The part of :meth:`seconds` spent in our own exchanges (the MoE token all_to_all)."""
+        return self._ours if self.enabled else 0.0
+
     @contextlib.contextmanager
     def measure(self, device: torch.device) -> Iterator[None]:
         """Count the enclosed collective as communication (when measuring)."""

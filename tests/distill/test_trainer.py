@@ -56,6 +56,7 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
     for r in timed:
         assert all(r[k] >= 0 for k in split), r
         assert r["time/communication"] > 0  # the token all_to_all and ZeRO's reductions
+        assert 0 < r["time/communication_moe"] <= r["time/communication"]  # of which the token exchange
     # the routed experts did train, and nothing else moved (stage 2: routed experts and routers)
     init = read_state_dict(digits_student)
     assert any(not torch.equal(w1[k], init[k]) for k in experts)
