@@ -170,7 +170,7 @@ class StageTrainer:
 
         # the student in explicit steps: built on the meta device with every expert; split over the
         # expert-parallel group (this rank's experts, all-to-all dispatch); filled from its folder
-        # (each rank reads its own experts), fp32 master weights whatever the folder's storage dtype
+        # (each rank reads only its own experts' rows), fp32 master weights whatever the storage dtype
         self.ep_group = ep_group = dss.expert_group(cfg.parallel.ep_size)
         student = build_student_skeleton(self.meta, meta_device=True)
         apply_expert_parallel(student, ep_group)
@@ -410,12 +410,15 @@ class StageTrainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"stage {cfg.stage}", dynamic_ncols=True)
         samples_per_step = cfg.data.batch_size * self.info.world * cfg.optim.grad_accum
         # throughput over the unmeasured steps since the last log, beside the logged step's own
-        # (which synchronises around every collective to split out communication)
-        self._window = (time.perf_counter(), self.step)
+        # (which synchronises around every collective to split out communication); the window
+        # opens at a step's start, so checkpoints and sample grids after a log stay outside it
+        self._window = None
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 logs = self.step + 1 == cfg.steps or (self.step + 1) % max(1, cfg.log.every) == 0
+                if self._window is None:
+                    self._window = (t0, self.step)
                 values = self.train_step(measure_comm=logs)
                 if values is None:
                     self.skipped_steps += 1
@@ -520,8 +523,8 @@ class StageTrainer:
         metrics.update({k: v for k, v in values.items() if k.startswith("time/")})
         metrics.update(flatten_metrics(load, usage))
         metrics["images_per_s"] = samples_per_step / dt
-        t_window, step_window = self._window
-        if self.step - 1 > step_window:  # the steps before this one since the last log
+        t_window, step_window = self._window or (self._step_start, self.step - 1)
+        if self.step - 1 > step_window:  # the steps before this one since the window opened
             metrics["images_per_s_between_logs"] = (self.step - 1 - step_window) * samples_per_step / (
                 self._step_start - t_window)
         metrics["tokens_per_s"] = samples_per_step * values.pop("tokens_per_sample", 0.0) / dt
@@ -534,7 +537,7 @@ class StageTrainer:
         self.last_metrics = metrics
         self.tracker.log(metrics, self.step)
         self._check_skip_share(self.last_data_counts)  # after logging: the counts that stop the run are on record
-        self._window = (time.perf_counter(), self.step)
+        self._window = None  # reopened at the next step's start: saves and sample grids stay outside
         if self.info.is_main:
             log.info("step %d/%d loss %.6f %s", self.step, self.cfg.steps, values["total"],
                      " ".join(f"{k}={v:.4g}" for k, v in values.items() if k not in ("total", "tokens_per_sample") and not k.startswith("time/")))

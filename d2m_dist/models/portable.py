@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from huggingface_hub import load_state_dict_from_file, save_torch_state_dict
+from huggingface_hub import save_torch_state_dict
 from omegaconf import OmegaConf
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -163,7 +164,13 @@ def read_provenance(folder: str | Path) -> Dict[str, SitePartition]:
     return {s: SitePartition(t[f"{s}.shared"], t[f"{s}.experts"]) for s in sites}
 
 
-def read_state_dict(folder: str | Path) -> Dict[str, torch.Tensor]:
+def read_state_dict(folder: str | Path, rows: Optional[Dict[str, slice]] = None) -> Dict[str, torch.Tensor]:
+    """The student folder's weights; ``rows``: for these keys read only those rows (first dimension).
+
+    Under expert parallelism each rank asks for its own experts' rows of every stack
+    (:func:`expert_rows`) and keeps a copy of those rows only, so no rank holds the
+    whole student's experts once loading is done.
+    """
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -172,10 +179,14 @@ def read_state_dict(folder: str | Path) -> Dict[str, torch.Tensor]:
         files = ["model.safetensors"]
     else:
         raise ConfigError(f"student {folder}: no model.safetensors weights")
+    rows = rows or {}
     sd: Dict[str, torch.Tensor] = {}
     for name in files:
         try:
-            sd.update(load_state_dict_from_file(str(folder / name)))
+            with safe_open(str(folder / name), framework="pt") as fh:
+                for key in fh.keys():
+                    # a slice's own copy: a view would keep the whole stack's buffer alive
+                    sd[key] = fh.get_slice(key)[rows[key]].clone() if key in rows else fh.get_tensor(key)
         except Exception as exc:
             raise ConfigError(f"student weights {folder / name}: unreadable ({str(exc).splitlines()[0]})") from None
     return sd
@@ -191,17 +202,19 @@ def build_student_skeleton(meta: StudentMeta, *, meta_device: bool = True) -> nn
     return model
 
 
-def local_expert_slices(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Cut the global expert stacks of ``sd`` down to the experts this rank holds."""
-    out = dict(sd)
+def expert_rows(model: nn.Module) -> Dict[str, slice]:
+    """The rows of each global expert stack that ``model``'s layers hold (only layers split by EP)."""
+    rows: Dict[str, slice] = {}
     for name, layer in moe_layers(model):
-        if layer.experts.num_local == layer.num_experts:
-            continue
-        ids = slice(layer.expert_offset, layer.expert_offset + layer.experts.num_local)
-        for w in ("w1", "b1", "w2"):
-            key = f"{name}.experts.{w}"
-            out[key] = sd[key][ids]
-    return out
+        if layer.experts.num_local != layer.num_experts:
+            ids = slice(layer.expert_offset, layer.expert_offset + layer.experts.num_local)
+            rows.update({f"{name}.experts.{w}": ids for w in ("w1", "b1", "w2")})
+    return rows
+
+
+def local_expert_slices(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Cut the global expert stacks of an in-memory ``sd`` down to the experts ``model`` holds (copies)."""
+    return {**sd, **{k: sd[k][ids].clone() for k, ids in expert_rows(model).items()}}
 
 
 def load_student(path: str | Path, *, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -224,7 +237,7 @@ def load_student_weights(
     """
     folder = Path(path)
     meta = StudentMeta.read(folder)
-    sd = local_expert_slices(model, read_state_dict(folder))
+    sd = read_state_dict(folder, rows=expert_rows(model))
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -219,6 +219,8 @@ def gather_full_state_dict(model: nn.Module, ep_group: Optional[object]) -> Dict
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    # a ZeRO-3 parameter's data is freed between uses; this rank's partition is its ds_tensor
+    t = getattr(t, "ds_tensor", t)
     return t.numel() * t.element_size()
 
 

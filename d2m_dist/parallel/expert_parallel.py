@@ -59,6 +59,10 @@ def apply_expert_parallel(model: nn.Module, group) -> int:
                               everywhere=True)
         if layer.experts.w1.shape[0] != layer.num_experts:
             raise ValueError(f"{name}: its experts are split already")
+        if any(hasattr(p, "allreduce") for p in layer.experts.parameters()):
+            # new Parameter objects would lose DeepSpeed's expert marks: its engine would then
+            # average different experts over the ranks as if they were one dense weight
+            raise ValueError(f"{name}: split experts before DeepSpeed adopts the layer, not after")
     for _, layer in layers:
         local = layer.num_experts // size
         ids = slice(rank * local, (rank + 1) * local)

@@ -146,7 +146,7 @@ def _ep_worker(rank, world, x_all, state, capacity_factor=None, dtype=torch.floa
 @pytest.mark.multiproc
 @pytest.mark.parametrize("capacity_factor,dtype", [(None, torch.float32), (0.5, torch.float32),
                                                    (None, torch.bfloat16)],
-                         ids=["dropless", "capacity 0.5", "bf16 rows (gates travel apart)"])
+                         ids=["dropless", "capacity 0.5", "bf16 rows"])
 def test_expert_parallel_all_to_all_matches_single_rank(capacity_factor, dtype):
     layer = make_layer()
     state = {k: v.detach().clone() for k, v in layer.state_dict().items()}

@@ -90,3 +90,15 @@ def test_load_student_in_bf16_keeps_every_router_fp32(tmp_path):
     x = tiny_inputs().to(dtype=torch.bfloat16)
     with torch.no_grad():  # (a bf16 MoB router fed fp32 pooled features failed here before)
         assert torch.equal(call_flux(student, x), call_flux(ref, x))
+
+
+def test_reading_an_expert_slice_reads_only_those_rows(tmp_path):
+    """Under expert parallelism each rank reads its experts' rows of every stack, not the whole stack."""
+    _, out = convert(tmp_path)
+    full = read_state_dict(out)
+    key = next(k for k in full if k.endswith(".experts.w1"))
+    part = read_state_dict(out, rows={key: slice(1, 3)})
+    assert torch.equal(part[key], full[key][1:3])
+    # its own storage, the size of the two rows (not a view that keeps the whole stack alive)
+    assert part[key].untyped_storage().nbytes() == part[key].numel() * part[key].element_size()
+    assert set(part) == set(full) and torch.equal(part[key.replace("w1", "w2")], full[key.replace("w1", "w2")])

@@ -68,6 +68,10 @@ def _split_worker(rank, world, state):
         assert layer.experts.w1.requires_grad
     with pytest.raises(ValueError, match="split already"):
         apply_expert_parallel(model, group)
+    adopted = torch.nn.Sequential(_layer())
+    adopt_moe_layers(adopted, world)  # marks the expert parameters (allreduce=False): new ones would lose it
+    with pytest.raises(ValueError, match="before DeepSpeed adopts"):
+        apply_expert_parallel(adopted, group)
 
 
 @pytest.mark.multiproc
