@@ -52,6 +52,7 @@ import statistics
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -60,7 +61,7 @@ from d2m_dist.bench.step import model_flops
 from d2m_dist.config import ConfigError
 from d2m_dist.models.moe import MoEFeedForward, SharedExpert
 from d2m_dist.models.spec import MoESpec, SiteShape
-from d2m_dist.parallel.dist import pick_device
+from d2m_dist.parallel.dist import init_distributed, pick_device, remove_shm_buffers
 
 COLUMNS = ["D", "tokens", "dtype", "mode", "variant", "median ms", "vs dense", "fwd FLOPs vs dense", "FLOPs limit"]
 MODES = ("forward", "forward+backward")
@@ -210,10 +211,7 @@ def deepspeed_world(device: torch.device) -> Iterator[None]:
     layer wraps it); otherwise a world of one is made here (gloo on CPU, NCCL on CUDA)
     and torn down on exit, with the environment variables it set.
     """
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    from d2m_dist.parallel.dist import init_distributed, remove_shm_buffers
+    import deepspeed.comm  # lazy: seconds to import, only the DeepSpeed variants need it
 
     created = not dist.is_initialized()
     saved = {k: os.environ.get(k) for k in _DIST_ENV}
