@@ -36,12 +36,13 @@ def _setup_logging() -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
-def _join_process_group_if_launched(device: str) -> None:
-    """Join the process group when started by torchrun with several processes (WORLD_SIZE > 1)."""
+def _join_process_group_if_launched(device: str):
+    """Join the process group when started by torchrun with several processes (WORLD_SIZE > 1); its DistInfo."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from d2m_dist.parallel.dist import init_distributed  # lazy: DeepSpeed's import
 
-        init_distributed(device)
+        return init_distributed(device)
+    return None
 
 
 def cmd_convert(args) -> int:
@@ -95,6 +96,29 @@ def cmd_sample(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Images from a student (and its teacher beside it) for prompts: PNGs, grid.png, generate.json."""
+    from d2m_dist.eval.generate import (  # lazy: torch, diffusers
+        GenerateRequest,
+        check_request,
+        read_prompts,
+        run_generate,
+    )
+    from d2m_dist.parallel.dist import pick_device  # lazy: torch
+
+    req = GenerateRequest(student=args.student, pipeline=args.pipeline, prompts=read_prompts(args.prompt, args.prompts),
+                          out=args.out, seed=args.seed, steps=args.steps, guidance=args.guidance, height=args.height,
+                          width=args.width, top_k=args.top_k, mob_kappa=args.mob_kappa, teacher_too=args.teacher_too,
+                          dtype=args.dtype, overwrite=args.overwrite)
+    checked = check_request(req)  # before the process group: bad input is one line, nothing started
+    joined = _join_process_group_if_launched(args.device)
+    device = joined.device if joined is not None else pick_device(args.device)
+    result = run_generate(req, device, checked)
+    if result is not None:
+        print(f"{len(result['images'])} prompts written to {args.out} (grid.png, generate.json)")
     return 0
 
 
@@ -153,10 +177,17 @@ def cmd_ckpt_inspect(args) -> int:
 
 
 def cmd_ckpt_export(args) -> int:
-    from d2m_dist.ckpt.export import export  # lazy: torch, safetensors
+    from d2m_dist.ckpt.export import export, export_diffusers  # lazy: torch, safetensors
 
-    out = export(args.path, args.out, weights=args.weights, optimizer=args.optimizer, init=args.init,
-                 max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+    shard_bytes = int(args.max_shard_gb * 2**30)
+    if args.format == "diffusers":
+        if args.optimizer:
+            raise ConfigError("--optimizer goes with --format portable (the training interchange) only")
+        out = export_diffusers(args.path, args.out, weights=args.weights, init=args.init, max_shard_bytes=shard_bytes,
+                               overwrite=args.overwrite)
+    else:
+        out = export(args.path, args.out, weights=args.weights, optimizer=args.optimizer, init=args.init,
+                     max_shard_bytes=shard_bytes, overwrite=args.overwrite)
     print(f"student written to {out}")
     return 0
 
@@ -191,6 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", help="write the accuracies here")
     sp.add_argument("overrides", nargs="*", help="n_per_digit=, steps=, guidance_scale=, seed=")
     sp.set_defaults(func=cmd_sample)
+    sp = sub.add_parser("generate", help="images from a student (FluxPipeline or a preset's teacher) for prompts")
+    sp.add_argument("--student", required=True, help="a student folder: portable (d2m_config.json) or diffusers")
+    sp.add_argument("--pipeline", required=True, help="the teacher's pipeline folder (FLUX: vae, text encoders...)")
+    sp.add_argument("--prompt", help="one prompt")
+    sp.add_argument("--prompts", help="a file: one prompt per line, or JSON lines with a \"prompt\" field")
+    sp.add_argument("--seed", type=int, default=0, help="image i (in prompt order) uses seed + i")
+    sp.add_argument("--steps", type=int, help="denoising steps (FLUX default 28; digits 20)")
+    sp.add_argument("--guidance", type=float, help="FLUX: embedded guidance (default 3.5); digits: CFG scale (1)")
+    sp.add_argument("--height", type=int)
+    sp.add_argument("--width", type=int)
+    sp.add_argument("--top-k", type=int, help="active routed experts at every site (default: each site's spec k)")
+    sp.add_argument("--mob-kappa", type=int, help="active blocks per Mixture-of-Blocks group (default: the group's)")
+    sp.add_argument("--teacher-too", action="store_true", help="the teacher's image beside each, same noise")
+    sp.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
+    sp.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    sp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on a GPU, fp32 on the CPU")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_generate)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
 
@@ -208,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = ckpt.add_parser("inspect", help="layout, step, what it holds, sizes (JSON)")
     sp.add_argument("path", help="a checkpoint folder, a checkpoints folder (its latest) or a stage folder")
     sp.set_defaults(func=cmd_ckpt_inspect)
-    sp = ckpt.add_parser("export", help="a checkpoint as a portable student folder, one tensor at a time")
-    sp.add_argument("path", help="a checkpoint folder, a checkpoints folder (its latest) or a stage folder")
+    sp = ckpt.add_parser("export", help="a checkpoint as a student folder (portable or diffusers), one tensor at a time")
+    sp.add_argument("path", help="a checkpoint folder, a checkpoints folder (its latest) or a stage folder; "
+                                 "with --format diffusers also a portable student folder")
+    sp.add_argument("--format", default="portable", choices=("portable", "diffusers"),
+                    help="portable: the training interchange; diffusers: FluxMoETransformer2DModel for FluxPipeline")
     sp.add_argument("--out", required=True, help="the student folder to write")
     sp.add_argument("--weights", default="last", choices=("last", "ema"), help="the last weights or their EMA")
     sp.add_argument("--optimizer", action="store_true",

@@ -195,6 +195,8 @@ class ConvertConfig:
     output: str = MISSING
     device: Device = Device("auto")
     overwrite: bool = False
+    # also write the student as a diffusers folder (FluxMoETransformer2DModel) to <output>-diffusers
+    export_diffusers: bool = False
 
     def validate(self) -> None:
         for part in (self.moe, self.mob, self.calibration):
@@ -384,6 +386,9 @@ class StageConfig:
     log: LogConfig = field(default_factory=LogConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # also write the export as a diffusers folder (FluxMoETransformer2DModel, FluxPipeline's transformer)
+    # to <run_dir>/stage<N>/export-diffusers
+    export_diffusers: bool = False
     max_bad_steps: int = 5  # NaN/inf losses in a row before a diagnostic checkpoint and exit
     precision: Precision = Precision("auto")  # auto: bf16 on GPU, fp32 on CPU
     device: Device = Device("auto")

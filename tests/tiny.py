@@ -100,3 +100,59 @@ def assert_engine_matches_plain(plain, engine, inputs, atol: float = 1e-6) -> No
     assert fa.keys() == fb.keys() and fa
     for k in fa:
         torch.testing.assert_close(fb[k], fa[k], rtol=0, atol=atol)
+
+
+# ----------------------------------------------------------------------------- a tiny FLUX pipeline folder
+
+WORDS = "a photo of red blue cat dog on the grass".split()
+
+
+def save_word_tokenizer(root, clip: bool) -> int:
+    """A word-level tokenizer saved as a transformers fast tokenizer (T5-like, or CLIP-like with BOS); its vocab size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    template = "<s> $A </s>" if clip else "$A </s>"
+    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 2), ("</s>", 3)])
+    # CLIP pads with its end token, T5 with <pad>; CLIP's tokenizer is capped at 77 tokens
+    if clip:
+        kwargs = dict(pad_token="</s>", bos_token="<s>", model_max_length=77)
+    else:
+        kwargs = dict(pad_token="<pad>", model_max_length=512)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", **kwargs).save_pretrained(root)
+    return len(vocab)
+
+
+def save_tiny_flux_pipeline(root, transformer=None, *, latent_channels: int = 4, t5_width: int = 24,
+                            clip_width: int = 12):
+    """A FLUX pipeline folder built from configs: 4-level VAE (8x down), T5, CLIP, word tokenizers, FLUX's
+    dynamically shifted flow-matching scheduler, and ``transformer`` (None: no transformer/). The defaults
+    fit :data:`TINY_CONFIG` (16 input channels = 4 x 4 latent channels, text widths 24 and 12)."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    root = Path(root)
+    vocab = save_word_tokenizer(root / "tokenizer_2", clip=False)
+    save_word_tokenizer(root / "tokenizer", clip=True)
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=vocab, d_model=t5_width, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=clip_width, intermediate_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=latent_channels,
+                        norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    # FLUX.1-dev's scheduler config
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae.eval(), text_encoder=clip.eval(),
+                        tokenizer=AutoTokenizer.from_pretrained(root / "tokenizer"), text_encoder_2=t5.eval(),
+                        tokenizer_2=AutoTokenizer.from_pretrained(root / "tokenizer_2"), transformer=transformer)
+    pipe.save_pretrained(root)
+    return root

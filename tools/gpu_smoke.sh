@@ -56,6 +56,8 @@ print(f"stage {s['stage']}: loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, 
 PY
 done
 cp "$RUN"/stage3/samples/*.png "$OUT/" 2>/dev/null || true
+check "generate: the stage-3 student beside its teacher, bf16 on CUDA" d2m generate --student "$RUN/stage3/export" \
+  --pipeline "$ASSETS/teacher" --prompt "a handwritten digit seven" --teacher-too --out "$OUT/generate"
 
 if [ "${BENCH:-1}" = 1 ]; then  # BENCH=0 skips the 12B-parameter timing (a dry run on a CPU machine)
   # every figure goes to one file, $OUT/bench.md (and the MoE layer's rows also to bench_moe.json)

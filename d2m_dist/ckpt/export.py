@@ -27,6 +27,7 @@ import torch
 
 from d2m_dist.ckpt.checkpoint import LATEST, META_FILE, TAG_RE, CheckpointError, CheckpointReader, first_line
 from d2m_dist.ckpt.streaming import TensorFile, write_sharded
+from d2m_dist.models.diffusers_student import write_diffusers_student
 from d2m_dist.models.flux_config import DTYPES
 from d2m_dist.models.portable import CONFIG_FILE, PROVENANCE_FILE
 
@@ -71,6 +72,26 @@ def inspect(path: str | Path) -> Dict[str, Any]:
         "student_tensors": len(plan.get("tensors", [])), "has_ema": "ema" in kinds,
         "files": files, "bytes": sum(files.values()),
     }
+
+
+def export_diffusers(path: str | Path, out: str | Path, *, weights: str = "last", init: Optional[str] = None,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """A checkpoint, or a portable student folder, as a diffusers ``FluxMoETransformer2DModel`` folder.
+
+    A checkpoint goes through a portable folder beside ``out`` (streamed, then linked into
+    diffusers' names and removed); a portable folder is linked directly.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output {out} already exists (--overwrite replaces it)")
+    if (Path(path) / CONFIG_FILE).is_file():
+        return write_diffusers_student(path, out, overwrite=overwrite)
+    portable = out.with_name(f".{out.name}.portable-{os.getpid()}")
+    try:
+        export(path, portable, weights=weights, init=init, max_shard_bytes=max_shard_bytes, overwrite=True)
+        return write_diffusers_student(portable, out, overwrite=overwrite)
+    finally:
+        shutil.rmtree(portable, ignore_errors=True)
 
 
 def export(path: str | Path, out: str | Path, *, weights: str = "last", optimizer: bool = False,

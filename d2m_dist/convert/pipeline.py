@@ -22,6 +22,7 @@ from d2m_dist.convert.calibration import calibration_batches, check_calibration_
 from d2m_dist.convert.partition import init_router, needs_scores, partition_site
 from d2m_dist.convert.taylor import taylor_scores
 from d2m_dist.distill.teacher import FrozenTeacher
+from d2m_dist.models.diffusers_student import diffusers_folder, write_diffusers_student
 from d2m_dist.models.flow import FlowBatch
 from d2m_dist.models.flux import load_teacher
 from d2m_dist.models.mob import apply_mob
@@ -112,4 +113,7 @@ def run_convert(
                "teacher_fingerprint": teacher_fingerprint(cfg.teacher.path)},
     )
     state = {k: v.cpu() for k, v in full_state_dict(student).items()}
-    return write_student(out, state, meta, parts, overwrite=cfg.overwrite)
+    written = write_student(out, state, meta, parts, overwrite=cfg.overwrite)
+    if cfg.export_diffusers:
+        write_diffusers_student(written, diffusers_folder(written), overwrite=cfg.overwrite)
+    return written

@@ -48,6 +48,7 @@ from d2m_dist.distill.teacher import FrozenTeacher
 from d2m_dist.distill.teacher_kinds import GridRequest, default_guidance, teacher_kind
 from d2m_dist.distill.tracking import Tracker
 from d2m_dist.eval import flux_samples as fs
+from d2m_dist.models.diffusers_student import diffusers_folder, write_diffusers_student
 from d2m_dist.models.flux import call_flux, load_flux_config, parse_dtype
 from d2m_dist.models.mob import MoBGroup, apply_mob, mob_groups
 from d2m_dist.models.moe import clear_routing_stats, moe_layers
@@ -596,7 +597,10 @@ def export_student(trainer: "StageTrainer") -> Optional[Path]:
         provenance = read_provenance(trainer.cfg.init)
     except ConfigError:
         provenance = None
-    return write_student(trainer.stage_dir / "export", sd, out_meta, provenance, overwrite=True)
+    out = write_student(trainer.stage_dir / "export", sd, out_meta, provenance, overwrite=True)
+    if trainer.cfg.export_diffusers:
+        write_diffusers_student(out, diffusers_folder(out), overwrite=True)
+    return out
 
 
 def _group_keys(model):

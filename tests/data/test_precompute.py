@@ -22,6 +22,7 @@ from d2m_dist.digits.text_encoder import encode_captions
 from d2m_dist.models.sampling import uint8_to_unit
 
 from ..distributed import run_ranks
+from ..tiny import WORDS, save_tiny_flux_pipeline
 from .conftest import png_bytes, write_tar
 
 
@@ -141,48 +142,10 @@ def test_other_settings_need_overwrite(digit_shards, tmp_path):
 
 # ----------------------------------------------------------------------------- flux, tiny models
 
-WORDS = "a photo of red blue cat dog on the grass".split()
-
-
-def _tokenizer(root: Path, clip: bool) -> int:
-    """A word-level tokenizer saved as a transformers fast tokenizer (T5-like, or CLIP-like with BOS)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    template = "<s> $A </s>" if clip else "$A </s>"
-    tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 2), ("</s>", 3)])
-    # CLIP pads with its end token, T5 with <pad>; CLIP's tokenizer is capped at 77 tokens
-    if clip:
-        kwargs = dict(pad_token="</s>", bos_token="<s>", model_max_length=77)
-    else:
-        kwargs = dict(pad_token="<pad>", model_max_length=512)
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", **kwargs).save_pretrained(root)
-    return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def flux_dir(tmp_path_factory):
-    """A FLUX-like pipeline folder with a tiny 16-channel VAE (8x down), T5 and CLIP."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("flux")
-    vocab = _tokenizer(root / "tokenizer_2", clip=False)
-    _tokenizer(root / "tokenizer", clip=True)
-    torch.manual_seed(0)
-    T5EncoderModel(T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
-                   ).save_pretrained(root / "text_encoder_2")
-    CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=2, eos_token_id=3,
-                                 pad_token_id=3)).save_pretrained(root / "text_encoder")
-    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=16, norm_num_groups=4,
-                  scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-                  ).save_pretrained(root / "vae")
-    return root
+    """A FLUX-like pipeline folder with a tiny 16-channel VAE (8x down), T5 and CLIP (no transformer)."""
+    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux"), latent_channels=16, t5_width=16, clip_width=16)
 
 
 def _flux_inputs(folder: Path) -> str:

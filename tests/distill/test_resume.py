@@ -104,7 +104,7 @@ def test_stage1_zero3_resumes_on_one_rank(tmp_path, digits_teacher, digits_stude
 def test_inspect_and_export_match_the_live_export(tmp_path, digits_teacher, digits_student):
     """The offline export of the final checkpoint equals the export the trainer writes from its live weights."""
     run, _ = _run(tmp_path, "a", digits_teacher, digits_student, 2, 2, "steps=2", "parallel.ep_size=2",
-                  "data.batch_size=4")
+                  "data.batch_size=4", "export_diffusers=true")
     info = inspect(run / "stage2")
     assert info["step"] == 2 and info["layout"] == {"world_size": 2, "ep_size": 2, "zero_stage": 2}
     assert info["trained_tensors"] == info["kinds"]["exp_avg"]["tensors"] > 0 and not info["has_ema"]
@@ -118,6 +118,19 @@ def test_inspect_and_export_match_the_live_export(tmp_path, digits_teacher, digi
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert json.loads((out / "d2m_config.json").read_text())["site_specs"] == \
         json.loads((digits_student / "d2m_config.json").read_text())["site_specs"]
+
+    # the diffusers twins: the stage's own (export_diffusers=true), and `d2m ckpt export --format diffusers`
+    # from the checkpoint and from the portable export, all holding the live export's tensors
+    from d2m_dist.cli import main
+    from d2m_dist.models.diffusers_student import FluxMoETransformer2DModel
+
+    assert main(["ckpt", "export", str(run / "stage2"), "--format", "diffusers", "--out", str(tmp_path / "d1")]) == 0
+    assert main(["ckpt", "export", str(run / "stage2" / "export"), "--format", "diffusers",
+                 "--out", str(tmp_path / "d2")]) == 0
+    for folder in (run / "stage2" / "export-diffusers", tmp_path / "d1", tmp_path / "d2"):
+        sd = FluxMoETransformer2DModel.from_pretrained(folder).state_dict()
+        assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in want), folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
 class _Planted:

@@ -92,3 +92,31 @@ def test_grouped_experts_in_bf16_match_the_loop_without_a_host_sync():
             layer(x)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_generate_runs_the_exported_student_in_bf16_through_flux_pipeline(tmp_path):
+    """`d2m generate`'s GPU path: FluxPipeline in bf16 with the student (routers fp32), near the CPU fp32 images."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from d2m_dist.config import MoBConfig, MoBGroupConfig
+    from d2m_dist.eval.generate import GenerateRequest, run_generate
+    from tests.eval.test_generate import _convert
+    from tests.tiny import save_tiny_flux_pipeline, tiny_flux
+
+    pipeline = save_tiny_flux_pipeline(tmp_path / "pipeline", tiny_flux(0))
+    student = _convert(pipeline, tmp_path / "student", mob=MoBConfig(enabled=True, single=MoBGroupConfig(m=2, kappa=1)))
+    outs = {}
+    for device in ("cuda", "cpu"):
+        req = GenerateRequest(student=str(student), pipeline=str(pipeline), prompts=["a red cat", "a blue dog"],
+                              out=str(tmp_path / device), steps=4, height=64, width=64, teacher_too=True)
+        outs[device] = run_generate(req, torch.device(device))
+    assert outs["cuda"]["dtype"] == "bf16" and outs["cpu"]["dtype"] == "fp32"
+    for a, b in zip(outs["cuda"]["images"], outs["cpu"]["images"]):
+        for name in ("teacher", "student"):
+            x, y = (np.asarray(Image.open(tmp_path / d / r["files"][name])).astype(float)
+                    for d, r in (("cuda", a), ("cpu", b)))
+            assert np.abs(x - y).mean() < 6, name  # bf16 rounding, not another image
+    print(json.dumps({k: v for k, v in outs["cuda"].items() if k.endswith("_median_s")}))
