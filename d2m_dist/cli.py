@@ -123,7 +123,19 @@ def cmd_generate(args) -> int:
 
 
 def cmd_params(args) -> int:
-    """Parameter accounting of the student a stage-0 config would produce (meta device, no weights)."""
+    """Parameter accounting of the student a stage-0 config would produce (meta device, no weights);
+    ``--paper``: FLUX.1-dev and the MoE-L/S/XS presets beside the paper's parameters and TFLOPs."""
+    if args.paper:
+        if args.config or args.overrides:
+            raise ConfigError("params --paper reads the FLUX.1-dev presets itself: give it no config or overrides")
+        from d2m_dist.models.paper import conventions, format_table, paper_table  # lazy: torch, diffusers
+
+        rows = paper_table()
+        if args.json:
+            print(json.dumps({"conventions": conventions(), "rows": [r.as_dict() for r in rows]}, indent=2))
+        else:
+            print("\n".join(format_table(rows)))
+        return 0
     from d2m_dist.models.accounting import parameter_report  # lazy: diffusers
 
     overrides = list(args.overrides)
@@ -242,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_generate)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--paper", action="store_true",
+                    help="FLUX.1-dev and the MoE-L/S/XS presets: parameters and TFLOPs beside the paper's")
 
     shards = sub.add_parser("shards", help="webdataset shards").add_subparsers(dest="shards_verb", required=True)
     sp = shards.add_parser("make", help="write shards from a folder, a CSV/JSONL/parquet table, or 'digits'")
