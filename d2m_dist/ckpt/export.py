@@ -85,6 +85,8 @@ def export_diffusers(path: str | Path, out: str | Path, *, weights: str = "last"
     if out.exists() and not overwrite:
         raise CheckpointError(f"output {out} already exists (--overwrite replaces it)")
     if (Path(path) / CONFIG_FILE).is_file():
+        if weights != "last" or init is not None:
+            raise CheckpointError(f"{path} is a student folder, not a checkpoint: --weights and --init do not apply")
         return write_diffusers_student(path, out, overwrite=overwrite)
     portable = out.with_name(f".{out.name}.portable-{os.getpid()}")
     try:

@@ -67,8 +67,9 @@ def run_convert(
     check_calibration_source(cfg)
     rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
     out = Path(cfg.output)
-    if out.exists() and not cfg.overwrite:
-        raise ConfigError(f"output {out} already exists (set overwrite=true to replace it)")
+    for folder in (out, diffusers_folder(out)) if cfg.export_diffusers else (out,):
+        if folder.exists() and not cfg.overwrite:
+            raise ConfigError(f"output {folder} already exists (set overwrite=true to replace it)")
 
     # Shapes first (meta teacher: no weights read yet), so a bad spec fails in seconds.
     meta_teacher = load_teacher(cfg.teacher, meta=True)

@@ -48,13 +48,31 @@ def is_flux_pipeline(folder: Path) -> bool:
         return False
 
 
+WEIGHTED = ("vae", "text_encoder", "text_encoder_2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model")
+
+
 def check_flux_pipeline(folder: Path, student: Dict, req: GenerateRequest) -> Settings:
-    if not (folder / "model_index.json").is_file():
+    index = folder / "model_index.json"
+    if not index.is_file():
         raise ConfigError(f"pipeline {folder}: no model_index.json (not a diffusers pipeline folder)")
+    name = _config(index).get("_class_name")
+    if name != "FluxPipeline":
+        raise ConfigError(f"pipeline {folder}: model_index.json names {name!r}, not FluxPipeline")
     missing = [p for p in PARTS if not (folder / p).is_dir()]
     if missing:
         raise ConfigError(f"pipeline {folder}: no {', '.join(m + '/' for m in missing)} (a FLUX pipeline needs "
                           f"{', '.join(p + '/' for p in PARTS)})")
+    # the parts' files, so that a folder with their configs only fails here, in one line, not mid-load
+    for part in WEIGHTED:
+        if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in (folder / part).iterdir()):
+            raise ConfigError(f"pipeline {folder}: {part}/ holds no weights (*.safetensors or *.bin)")
+    for part in ("tokenizer", "tokenizer_2"):
+        if not any((folder / part / f).is_file() for f in TOKENIZER_FILES):
+            raise ConfigError(f"pipeline {folder}: {part}/ holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if req.teacher_too and not any(f.name.endswith(WEIGHT_SUFFIXES) for f in (folder / "transformer").glob("*")):
+        raise ConfigError(f"pipeline {folder}: --teacher-too needs the teacher's weights in transformer/")
     vae, clip, t5 = (_config(folder / p / "config.json") for p in ("vae", "text_encoder", "text_encoder_2"))
     wants = {
         "joint_attention_dim": ("text_encoder_2 (T5) width", t5.get("d_model")),
@@ -88,13 +106,16 @@ def load_flux_pipeline(folder: Path, settings: Settings, device: torch.device, d
                        teacher_too: bool) -> Tuple[ImageFn, Optional[torch.nn.Module]]:
     # lazy: diffusers' pipelines import transformers' text models (seconds); training never needs them
     from diffusers import FluxPipeline, FluxTransformer2DModel
+    from diffusers.utils import logging as diffusers_logging  # lazy: with the pipeline above
 
+    diffusers_logging.disable_progress_bar()  # loading bars would bury the one line an error prints
     try:
         pipe = FluxPipeline.from_pretrained(str(folder), transformer=None, dtype=dtype)
         teacher = FluxTransformer2DModel.from_pretrained(str(folder / "transformer"), dtype=dtype) \
             if teacher_too else None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"pipeline {folder}: {str(exc).strip().splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ConfigError(f"pipeline {folder}: cannot load it ({lines[0] if lines else type(exc).__name__})") from None
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if teacher is not None:

@@ -19,6 +19,7 @@ prompts are dealt round-robin over the ranks.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -125,9 +126,17 @@ def check_request(req: GenerateRequest) -> Tuple[PipelineKind, Settings]:
     check_knobs(config, req.top_k, req.mob_kappa)
     if req.dtype is not None and req.dtype not in DTYPES:
         raise ConfigError(f"--dtype {req.dtype} is not one of {', '.join(DTYPES)}")
-    out = Path(req.out)
-    if out.exists() and not req.overwrite and (not out.is_dir() or any(out.iterdir())):
+    if not (0 <= req.seed and req.seed + len(req.prompts) <= 2**63):
+        raise ConfigError(f"--seed {req.seed}: must lie in 0..2^63 - {len(req.prompts)} (image i uses seed + i)")
+    out = Path(req.out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a folder")
+    if out.exists() and not req.overwrite and any(out.iterdir()):
         raise ConfigError(f"output {out} already exists (--overwrite replaces it)")
+    for name, given in (("--student", student), ("--pipeline", pipeline)):
+        given = given.resolve()
+        if out == given or out in given.parents or given in out.parents:
+            raise ConfigError(f"output {out} overlaps {name} {given}: --overwrite would delete it")
     return kind, settings
 
 
@@ -160,70 +169,111 @@ def _timed(fn: ImageFn, model: torch.nn.Module, prompt: str, seed: int, device: 
     return image, time.perf_counter() - start
 
 
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _agree_on_failure(error: Optional[BaseException], rank: int, world: int) -> None:
+    """Every rank learns whether any failed, so none waits in a collective for one that is gone. Collective."""
+    message = None if error is None else (str(error) if isinstance(error, ConfigError) else _first_line(error))
+    messages = [message]
+    if world > 1:
+        messages = [None] * world
+        dist.all_gather_object(messages, message)
+    failed = [r for r, m in enumerate(messages) if m is not None]
+    if not failed:
+        return
+    if world == 1:
+        raise error  # type: ignore[misc]  # one process: its own error, as raised
+    raise ConfigError(f"[rank {failed[0]}] {messages[failed[0]]}", everywhere=True)
+
+
 def run_generate(req: GenerateRequest, device: torch.device,
                  checked: Optional[Tuple[PipelineKind, Settings]] = None) -> Optional[Dict]:
     """Generate every prompt's image(s); the result dict on rank 0 (None on the others).
 
     ``checked``: what :func:`check_request` returned, when the caller ran it already (before joining
-    the process group, so that bad input is one line from every rank alike).
+    the process group, so that bad input is one line from every rank alike). Each rank draws its
+    prompts (round-robin) and sends the PNGs to rank 0, which alone writes: into a temporary folder
+    beside ``out``, renamed into place once whole, so no shared file system is needed and a failure
+    on any rank (every rank learns of it) leaves nothing behind.
     """
-    kind, settings = checked or check_request(req)
     rank, world = _rank_world()
     dtype = DTYPES[req.dtype] if req.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    out = Path(req.out)
-    tmp = _shared_tmp_folder(out, rank, world)
+    records: List[ImageRecord] = []
+    pngs: Dict[str, bytes] = {}
+    error: Optional[BaseException] = None
     try:
+        kind, settings = checked or check_request(req)
         student = load_any_student(req.student, device=device, dtype=dtype)
-        student.set_top_k(req.top_k)
-        student.set_mob_kappa(req.mob_kappa)
+        # a folder's saved knobs hold unless the command line sets them
+        if req.top_k is not None:
+            student.set_top_k(req.top_k)
+        if req.mob_kappa is not None:
+            student.set_mob_kappa(req.mob_kappa)
         image_fn, teacher = kind.load(Path(req.pipeline), settings, device, dtype, req.teacher_too)
         models = ([("teacher", teacher)] if teacher is not None else []) + [("student", student)]
-        records: List[ImageRecord] = []
-        for i in range(rank, len(req.prompts), world):
-            seed = req.seed + i
-            record = ImageRecord(i, req.prompts[i], seed, rank, {}, {})
+        mine = list(range(rank, len(req.prompts), world))
+        if mine:  # one untimed image per model: the latencies leave out first-call costs (kernels, caches)
+            for _, model in models:
+                image_fn(model, req.prompts[mine[0]], req.seed + mine[0])
+        for i in mine:
+            record = ImageRecord(i, req.prompts[i], req.seed + i, rank, {}, {})
             for name, model in models:
-                image, seconds = _timed(image_fn, model, req.prompts[i], seed, device)
+                image, seconds = _timed(image_fn, model, req.prompts[i], req.seed + i, device)
                 rel = f"{name}/{i:05d}.png"
-                (tmp / name).mkdir(exist_ok=True)
-                Image.fromarray(image).save(tmp / rel)
+                pngs[rel] = _png(image)
                 record.files[name], record.seconds[name] = rel, seconds
             records.append(record)
-        everything = _gather(records, world)
-        result = None
-        if rank == 0:
-            result = _summary(req, kind, settings, dtype, device, world, everything, [n for n, _ in models])
-            _write_grid(tmp, everything, [n for n, _ in models])
-            (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2))
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        if world > 1:
-            dist.barrier()
-        return result
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _shared_tmp_folder(out: Path, rank: int, world: int) -> Path:
-    """Rank 0 makes the temporary folder beside ``out``; every rank learns its name."""
-    name = [None]
-    if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        name = [tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)]
+        knobs = {"top_k": student.config.top_k, "mob_kappa": student.config.mob_kappa}
+    except Exception as exc:  # noqa: BLE001 - told to every rank below, then raised
+        error = exc
+    _agree_on_failure(error, rank, world)
+    parts = [(records, pngs)]
     if world > 1:
-        dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+        parts = [None] * world if rank == 0 else None
+        dist.gather_object((records, pngs), parts, dst=0)
+    result = None
+    if rank == 0:
+        everything = sorted((r for part, _ in parts for r in part), key=lambda r: r.index)
+        files = {k: v for _, part in parts for k, v in part.items()}
+        result = _write(req, kind, settings, dtype, device, world, everything, files, [n for n, _ in models], knobs)
+    if world > 1:
+        dist.barrier()
+    return result
 
 
-def _gather(records: List[ImageRecord], world: int) -> List[ImageRecord]:
-    if world == 1:
-        return records
-    parts: List[Optional[List[ImageRecord]]] = [None] * world
-    dist.all_gather_object(parts, records)
-    return sorted((r for part in parts for r in part or []), key=lambda r: r.index)
+def _write(req: GenerateRequest, kind: PipelineKind, settings: Settings, dtype: torch.dtype, device: torch.device,
+           world: int, records: List[ImageRecord], files: Dict[str, bytes], names: List[str], knobs: Dict) -> Dict:
+    """The output folder, whole or not at all: written beside ``out`` under a temporary name, then renamed."""
+    out = Path(req.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        _write_grid(tmp, records, names)
+        result = _summary(req, kind, settings, dtype, device, world, records, names, knobs)
+        (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2))
+        if out.exists():  # --overwrite (check_request refused it otherwise): the old folder goes last
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
 
 
 def _write_grid(folder: Path, records: List[ImageRecord], names: List[str]) -> None:
@@ -242,12 +292,12 @@ def _visible(image: np.ndarray, side: int = 64) -> np.ndarray:
 
 
 def _summary(req: GenerateRequest, kind: PipelineKind, settings: Settings, dtype: torch.dtype, device: torch.device,
-             world: int, records: List[ImageRecord], names: List[str]) -> Dict:
+             world: int, records: List[ImageRecord], names: List[str], knobs: Dict) -> Dict:
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     medians = {f"{n}_median_s": statistics.median(r.seconds[n] for r in records) for n in names}
     return {
         "student": str(Path(req.student).resolve()), "pipeline": str(Path(req.pipeline).resolve()),
-        "kind": kind.name, **asdict(settings), "seed": req.seed, "top_k": req.top_k, "mob_kappa": req.mob_kappa,
+        "kind": kind.name, **asdict(settings), "seed": req.seed, **knobs,
         "teacher_too": req.teacher_too, "device": str(device), "dtype": dtype_name, "world_size": world,
         "grid": "grid.png", "grid_rows": min(GRID_ROWS, len(records)), **medians,
         "images": [asdict(r) for r in records],

@@ -55,6 +55,7 @@ class FluxMoETransformer2DModel(FluxTransformer2DModel):
     """FLUX with MoE feed-forward sites and Mixture-of-Blocks groups (a d2m student)."""
 
     # routers decide from small logit differences: diffusers loads them in fp32 whatever dtype says
+    # (it also makes from_pretrained take the meta-device path: low_cpu_mem_usage=False is refused)
     _keep_in_fp32_modules = ["router"]
 
     @register_to_config
@@ -205,9 +206,13 @@ def write_diffusers_student(student: str | Path, out: str | Path, *, overwrite: 
         if (student / PROVENANCE_FILE).is_file():  # which dense neurons each expert came from: kept beside
             shutil.copy2(student / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
         (tmp / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config(meta), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # the old folder is set aside, not deleted, until the new one is in place
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

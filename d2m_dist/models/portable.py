@@ -245,11 +245,13 @@ def load_student_weights(
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
         raise ConfigError(f"student {folder}: no weights for {leftover[:3]}")
-    model.to(device=device)
     if dtype is not None and dtype != parse_dtype(meta.dtype):
-        model.to(dtype=dtype)
+        # cast where the weights are (the CPU), then move: a bf16 student never sits on the GPU in fp32.
+        # nn.Module.to, not a diffusers model's own (which warns about its fp32 modules: restored next)
+        nn.Module.to(model, dtype=dtype)
         for _, layer in moe_layers(model):  # routers stay fp32 (MoE and MoB alike)
             layer.router.float()
         for _, group in mob_groups(model):
             group.router.float()
+    nn.Module.to(model, device=device)
     return model.eval()

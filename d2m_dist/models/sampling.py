@@ -72,7 +72,7 @@ def euler_sample(
     ``uncond_embeds``/``uncond_pooled`` (``[1, ...]`` or ``[B, ...]``, the empty
     caption's encoding) are required when ``cfg.guidance_scale != 1``. The start
     noise comes from ``torch.Generator().manual_seed(cfg.seed)`` unless given,
-    so a seed fixes the output.
+    drawn as FluxPipeline draws it, so a seed fixes the output and gives the pipeline's.
     """
     cfg = cfg or SamplerConfig()
     batch, txt_len = prompt_embeds.shape[:2]
@@ -82,8 +82,10 @@ def euler_sample(
     dtype = param.dtype if param is not None else prompt_embeds.dtype
 
     if noise is None:
+        # drawn on the CPU (the same on any device), unpacked and then packed, as diffusers' FluxPipeline
+        # draws it: a seed gives the pipeline's noise
         gen = torch.Generator().manual_seed(cfg.seed)
-        noise = torch.randn(batch, gh * gw, channels, generator=gen)  # drawn on CPU: same on any device
+        noise = pack_latents(torch.randn(batch, channels // 4, 2 * gh, 2 * gw, generator=gen))
     x = noise.to(device=device, dtype=torch.float32)
 
     use_cfg = cfg.guidance_scale != 1.0

@@ -15,7 +15,7 @@ from d2m_dist.config import CalibrationConfig, ConvertConfig, MoBConfig, MoBGrou
 from d2m_dist.convert.pipeline import run_convert
 from d2m_dist.eval.generate import GenerateRequest, read_prompts, run_generate
 from d2m_dist.models.diffusers_student import FluxMoETransformer2DModel, write_diffusers_student
-from d2m_dist.models.flux import pack_latents, unpack_latents
+from d2m_dist.models.flux import unpack_latents
 from d2m_dist.models.portable import load_student
 from d2m_dist.models.sampling import SamplerConfig, euler_sample
 from tests.distributed import run_ranks
@@ -54,23 +54,25 @@ def _images(pipe, seed, steps=4, prompt=PROMPT, **kw):
 
 
 def test_flux_pipeline_driving_the_exported_student_equals_our_sampler(flux):
+    """Same prompt, seed and steps: FluxPipeline with the exported student, and our Euler sampler on the portable one."""
     pipeline, student, exported = flux
     pipe = _pipe(pipeline, FluxMoETransformer2DModel.from_pretrained(exported))
-    noise = pack_latents(torch.randn(1, 4, SIDE // 8, SIDE // 8, generator=torch.Generator().manual_seed(7)))
     with torch.no_grad():
-        theirs = pipe(PROMPT, height=SIDE, width=SIDE, num_inference_steps=4, guidance_scale=3.5, latents=noise,
-                      output_type="latent").images
+        theirs = pipe(PROMPT, height=SIDE, width=SIDE, num_inference_steps=4, guidance_scale=3.5,
+                      generator=torch.Generator().manual_seed(7), output_type="latent").images
         embeds, pooled, _ = pipe.encode_prompt(PROMPT, None, max_sequence_length=512)
     ours = euler_sample(load_student(student), embeds, pooled, grid=(SIDE // 16, SIDE // 16), channels=16,
-                        cfg=SamplerConfig(steps=4, shift=True, embedded_guidance=3.5), noise=noise)
+                        cfg=SamplerConfig(steps=4, shift=True, embedded_guidance=3.5, seed=7))
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     # and decoded, as the pipeline decodes: (z / scale + shift) through the VAE, [-1, 1] -> [0, 1]
-    image = _images(pipe, 0, latents=noise)
+    image = _images(pipe, 7)
     vae = pipe.vae
     with torch.no_grad():
         z = unpack_latents(ours, SIDE // 8, SIDE // 8) / vae.config.scaling_factor + vae.config.shift_factor
         mine = (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(image, mine, rtol=0, atol=1e-5)
+    # another seed is another image: the seed reaches both
+    assert (_images(pipe, 8) - image).abs().max() > 1e-2
 
 
 def test_every_expert_and_block_on_the_exported_student_draws_the_teachers_image(flux):
@@ -116,6 +118,22 @@ def test_generate_writes_pngs_grid_and_json_with_the_pipelines_images(flux, tmp_
         assert np.array_equal(png, expected_u8), name
 
 
+def test_a_folders_saved_knobs_hold_unless_the_command_sets_them(flux, tmp_path):
+    pipeline, student, _ = flux
+    model = FluxMoETransformer2DModel.from_portable(student)
+    model.set_top_k(1)
+    model.save_pretrained(tmp_path / "k1")
+    out = tmp_path / "out"
+    assert main(["generate", "--student", str(tmp_path / "k1"), "--pipeline", str(pipeline), "--prompt", PROMPT,
+                 "--steps", "2", "--height", str(SIDE), "--width", str(SIDE), "--out", str(out)]) == 0
+    result = json.loads((out / "generate.json").read_text())
+    assert result["top_k"] == 1 and result["mob_kappa"] is None
+    with torch.no_grad():
+        want = _images(_pipe(pipeline, FluxMoETransformer2DModel.from_pretrained(tmp_path / "k1")), 0, steps=2)
+    png = np.asarray(Image.open(out / result["images"][0]["files"]["student"]))
+    assert np.array_equal(png, (want[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
 @pytest.fixture(scope="module")
 def other_architecture_student(tmp_path_factory):
     root = tmp_path_factory.mktemp("other")
@@ -125,8 +143,8 @@ def other_architecture_student(tmp_path_factory):
     return _convert(root / "teacher", root / "student")
 
 
-@pytest.mark.parametrize("case", ["other_architecture", "no_vae", "no_text_encoders", "top_k_above", "empty_prompts",
-                                  "kappa_above", "size"])
+@pytest.mark.parametrize("case", ["other_architecture", "no_vae", "no_text_encoders", "vae_without_weights",
+                                  "top_k_above", "empty_prompts", "kappa_above", "size", "seed", "out_in_pipeline"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(flux, other_architecture_student, tmp_path, capsys, case):
     pipeline, student, exported = flux
     prompts = tmp_path / "prompts.txt"
@@ -136,7 +154,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(flux, other_architectur
     expect = {"other_architecture": "converted from another FLUX architecture (num_single_layers 1 here 2",
               "no_vae": "no vae/", "no_text_encoders": "no text_encoder/, text_encoder_2/",
               "top_k_above": "top_k=5: must lie in 0..4", "empty_prompts": "holds no prompt",
-              "kappa_above": "mob_kappa=3: must lie in 1..2", "size": "--height 60: must be a positive multiple of 16"}
+              "kappa_above": "mob_kappa=3: must lie in 1..2", "size": "--height 60: must be a positive multiple of 16",
+              "vae_without_weights": "vae/ holds no weights", "seed": "--seed -1: must lie in",
+              "out_in_pipeline": "overlaps --pipeline"}
     if case == "other_architecture":
         args["--student"] = str(other_architecture_student)
     elif case in ("no_vae", "no_text_encoders"):
@@ -144,19 +164,29 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(flux, other_architectur
         copy = tmp_path / "pipeline"
         shutil.copytree(pipeline, copy, ignore=lambda d, names: [n for n in names if n in drop and d == str(pipeline)])
         args["--pipeline"] = str(copy)
+    elif case == "vae_without_weights":
+        copy = tmp_path / "pipeline"
+        shutil.copytree(pipeline, copy)
+        for f in (copy / "vae").glob("*.safetensors"):
+            f.unlink()
+        args["--pipeline"] = str(copy)
+    elif case == "seed":
+        args["--seed"] = "-1"
     elif case == "top_k_above":
         args["--top-k"] = "5"
     elif case == "kappa_above":
         args["--mob-kappa"] = "3"
     elif case == "size":
         args["--height"] = "60"
-    out = tmp_path / "out"
+    out = pipeline / "out" if case == "out_in_pipeline" else tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
+    pipeline_before = sorted(p.name for p in pipeline.iterdir())
     rc = main(["generate", *[x for kv in args.items() for x in kv], "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("d2m: error: "), err
     assert expect[case] in err[0], err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temporary folder
+    assert sorted(p.name for p in pipeline.iterdir()) == pipeline_before
 
 
 def test_prompt_file_formats(tmp_path):
@@ -197,3 +227,22 @@ def test_prompts_sharded_over_two_ranks_give_the_one_rank_images(digits_teacher,
         assert ra["prompt"] == rb["prompt"] and ra["seed"] == rb["seed"]
         assert np.array_equal(np.asarray(Image.open(one / ra["files"]["student"])),
                               np.asarray(Image.open(two / rb["files"]["student"])))
+
+
+def _fail_on_rank_one(rank, world, teacher, student, out, marker):
+    from d2m_dist.config import ConfigError
+
+    missing = str(out.parent / "no-such-student")
+    try:
+        run_generate(GenerateRequest(student=missing if rank == 1 else str(student), pipeline=str(teacher),
+                                     prompts=DIGIT_PROMPTS, out=str(out), steps=2), torch.device("cpu"))
+    except ConfigError as exc:
+        (marker.parent / f"{marker.name}{rank}").write_text(str(exc))
+
+
+def test_a_failure_on_one_rank_stops_every_rank_and_writes_nothing(digits_teacher, digits_student, tmp_path):
+    out = tmp_path / "out"
+    run_ranks(_fail_on_rank_one, 2, digits_teacher, digits_student, out, tmp_path / "failed", timeout=300)
+    for rank in range(2):  # both ranks raised the same error (none waited in a collective), naming rank 1
+        assert (tmp_path / f"failed{rank}").read_text().startswith("[rank 1] student not found")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed0", "failed1"]
