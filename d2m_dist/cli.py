@@ -122,6 +122,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Which layout of a stage fits a cluster, and how fast it goes (meta device: nothing loaded)."""
+    from d2m_dist.plan.report import PlanRequest, format_plan, run_plan  # lazy: torch, diffusers
+    from d2m_dist.plan.traffic import Rates  # lazy: with the planner above
+
+    rates = Rates(tflops=args.tflops, intra_gbps=args.intra_gbps, inter_gbps=args.inter_gbps,
+                  pcie_gbps=args.pcie_gbps)
+    result = run_plan(PlanRequest(
+        config=args.config, stage=args.stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        gpu_mem=args.gpu_mem, host_mem=args.host_mem, ep=args.ep, zero=args.zero, teacher=args.teacher,
+        batch=args.batch, resolution=args.resolution, text_tokens=args.text_tokens,
+        act_ckpt=True if args.act_ckpt else None, rates=rates, overrides=args.overrides))
+    print(json.dumps(result, indent=2) if args.json else "\n".join(format_plan(result)))
+    return 0 if result["best"] is not None else 1
+
+
 def cmd_params(args) -> int:
     """Parameter accounting of the student a stage-0 config would produce (meta device, no weights);
     ``--paper``: FLUX.1-dev and the MoE-L/S/XS presets beside the paper's parameters and TFLOPs."""
@@ -252,6 +268,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on a GPU, fp32 on the CPU")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_generate)
+    sp = sub.add_parser("plan", help="what fits on a cluster: bytes per GPU, traffic, ranked layouts (docs/CLUSTERS.md)")
+    sp.add_argument("--config", required=True, help="a preset folder (configs/presets/flux-dev-moe-l) or a stage file")
+    sp.add_argument("--stage", type=int, default=2, help="the stage to plan (a preset folder's stage<N>.yaml)")
+    sp.add_argument("--nodes", type=int, required=True)
+    sp.add_argument("--gpus-per-node", type=int, required=True)
+    sp.add_argument("--gpu-mem", required=True, help="memory per GPU, e.g. 80GB")
+    sp.add_argument("--host-mem", default="1TB", help="host memory per node (offloaded teacher)")
+    sp.add_argument("--ep", type=int, help="expert-parallel size (default: every divisor, ranked)")
+    sp.add_argument("--zero", type=int, choices=(2, 3), help="the student's ZeRO stage (default: both)")
+    sp.add_argument("--teacher", choices=("resident", "sharded", "offload"), help="default: all three")
+    sp.add_argument("--batch", type=int, help="per-GPU batch (default: the stage's data.batch_size)")
+    sp.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
+    sp.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
+    sp.add_argument("--act-ckpt", action="store_true", help="activation checkpointing only (default: with and without)")
+    sp.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU (default 400)")
+    sp.add_argument("--intra-gbps", type=float, default=300.0, help="GB/s per GPU inside a node (default 300)")
+    sp.add_argument("--inter-gbps", type=float, default=40.0, help="GB/s per GPU between nodes (default 40)")
+    sp.add_argument("--pcie-gbps", type=float, default=25.0, help="GB/s host to GPU (default 25)")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("overrides", nargs="*", help="key=value overrides of the stage config")
+    sp.set_defaults(func=cmd_plan)
     sp = with_config("params", "parameter accounting of a conversion config (meta device)", cmd_params)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--paper", action="store_true",

@@ -250,6 +250,16 @@ def load_config(schema: Type[T], path: Optional[str | Path] = None, overrides: S
     return obj
 
 
+def unset_keys(schema: Type, path: str | Path, overrides: Sequence[str] = ()) -> List[str]:
+    """The required keys (``???``) that ``path`` (with its ``base:`` chain) and ``overrides`` leave unset."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *_file_layers(Path(path)),
+                                 OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {_one_line(exc)}") from None
+    return sorted(OmegaConf.missing_keys(merged))
+
+
 def _file_layers(path: Path, seen: Sequence[Path] = ()) -> List[DictConfig]:
     """``path``'s values after those of its ``base:`` chain (each base relative to the file naming it)."""
     if not path.is_file():

@@ -241,3 +241,95 @@ def state_bytes(engine) -> Dict[str, int]:
             optimizer += sum(_nbytes(t) for t in base.state.get(p, {}).values()
                              if isinstance(t, torch.Tensor) and t.dim() > 0)
     return {"expert_weights": experts, "optimizer": optimizer}
+
+
+def _expert_ids(engine) -> set:
+    return {id(p) for _, m in expert_layers(engine.module) for p in m.experts.parameters()}
+
+
+def _tensor_bytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def measured_state(engine) -> Dict[str, int]:
+    """Bytes this rank's student engine holds, read from DeepSpeed's own buffers (docs/DECISIONS.md, plan).
+
+    ``params``: the module's weights (ZeRO-1/2: each optimizer group's flat buffer, which the
+    trainable parameters are views of, plus the frozen parameters; ZeRO-3: every parameter's
+    partition, plus the whole tensor of the ones kept persistent); ``grads``: the gradient
+    partition buffer (ZeRO-1/2: between a backward and its step, when it exists); ``optimizer``: the fp32
+    partitions and Adam's moments; ``comm_buffers``: the gradient staging buckets. Each but
+    the last also split into ``_experts`` and ``_rest``. The planner (:mod:`d2m_dist.plan.memory`)
+    predicts the same numbers from the parameter list alone; tests/plan compares them.
+    """
+    opt = engine.optimizer
+    experts = _expert_ids(engine)
+    out = {f"{k}_{s}": 0 for k in ("params", "grads", "optimizer") for s in ("experts", "rest")}
+
+    def add(kind: str, expert: bool, nbytes: int) -> None:
+        out[f"{kind}_{'experts' if expert else 'rest'}"] += nbytes
+
+    base = getattr(opt, "optimizer", opt)
+    if hasattr(opt, "bit16_groups_flat"):  # ZeRO-1/2
+        for i, group in enumerate(opt.bit16_groups):
+            flat = _tensor_bytes(opt.bit16_groups_flat[i])
+            e = sum(p.numel() * p.element_size() for p in group if id(p) in experts)
+            moe = base.param_groups[i].get("moe", False)
+            add("params", True, flat if moe else e)
+            add("params", False, 0 if moe else flat - e)
+            held = opt.params_in_partition[i]
+            grads_e = sum(p.numel() for p in held if id(p) in experts)
+            add("grads", True, grads_e * 4)
+            add("grads", False, (sum(p.numel() for p in held) - grads_e) * 4)
+            state = [opt.single_partition_of_fp32_groups[i]] + [
+                t for t in base.state.get(opt.single_partition_of_fp32_groups[i], {}).values()
+                if isinstance(t, torch.Tensor) and t.dim() > 0]
+            owned = opt.single_partition_of_fp32_groups[i].numel()
+            e_owned = owned if moe else _expert_elements_owned(opt, i, experts)
+            nbytes = sum(_tensor_bytes(t) for t in state)
+            add("optimizer", True, nbytes * e_owned // owned)
+            add("optimizer", False, nbytes - nbytes * e_owned // owned)
+        trained = {id(p) for g in opt.bit16_groups for p in g}
+        for p in engine.module.parameters():
+            if id(p) not in trained:
+                add("params", id(p) in experts, _tensor_bytes(p))
+        # between a backward and its step the gradients of this rank's share live in the storages the
+        # optimizer's averaged_gradients point into (padding included): they are what the rank holds
+        storages = {}
+        for grads in opt.averaged_gradients.values():
+            for t in grads if isinstance(grads, list) else [grads]:
+                if t is not None:
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        out["grads_storage"] = sum(storages.values())
+        out["comm_buffers"] = sum(_tensor_bytes(b) for bucket in opt.ipg_buckets.values() for b in bucket.buffer)
+    else:  # ZeRO-3
+        for p in engine.module.parameters():
+            whole = _tensor_bytes(p.data) if getattr(p, "ds_persist", False) else 0
+            add("params", id(p) in experts, _tensor_bytes(p.ds_tensor) + whole)
+            if p.requires_grad:
+                add("grads", id(p) in experts, p.ds_tensor.ds_numel * 4)
+        buffer = _tensor_bytes(opt.grad_partitions_flat_buffer)
+        if buffer != out["grads_experts"] + out["grads_rest"]:
+            raise RuntimeError(f"gradient partition buffer holds {buffer} bytes, the partitions {out['grads_experts'] + out['grads_rest']}")
+        for flat in opt.fp32_partitioned_groups_flat:
+            state = [flat] + [t for t in base.state.get(flat, {}).values()
+                              if isinstance(t, torch.Tensor) and t.dim() > 0]
+            add("optimizer", False, sum(_tensor_bytes(t) for t in state))
+        out["comm_buffers"] = sum(_tensor_bytes(b.buffer) for b in opt.ipg_buckets.values())
+    for kind in ("params", "grads", "optimizer"):
+        out[kind] = out[f"{kind}_experts"] + out[f"{kind}_rest"]
+    return out
+
+
+def _expert_elements_owned(opt, i: int, experts: set) -> int:
+    """Elements of expert parameters inside this rank's share of ZeRO-1/2 group ``i`` (one group for all)."""
+    share = opt.partition_size[i]
+    rank = dist.get_rank(group=opt.real_dp_process_group[i])
+    lo, hi = rank * share, (rank + 1) * share
+    start, count = 0, 0
+    for p in opt.round_robin_bit16_groups[i]:
+        end = start + p.numel()
+        if id(p) in experts:
+            count += max(0, min(end, hi) - max(start, lo))
+        start = end
+    return count

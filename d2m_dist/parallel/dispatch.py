@@ -161,7 +161,9 @@ class AllToAllDispatcher:
         # and the gates' gradients come back with the rows'
         packed = torch.cat([rows, gates.to(rows.dtype).unsqueeze(1)], 1)
         packed = all_to_all(packed, recv_by_rank, send_by_rank, self.group).index_select(0, to_expert_major)
-        received, received_gates = packed[:, :-1].contiguous(), packed[:, -1].float()
+        # copies, not views: a view saved for the backward (the gate column is) would keep the whole
+        # exchanged buffer alive until then (found by the planner's activation check, tests/plan)
+        received, received_gates = packed[:, :-1].contiguous(), packed[:, -1].contiguous().float()
         exchange = _Exchange(send_by_rank, recv_by_rank, chunk_permutation(recv.t()).to(x.device))
         local_counts = recv.sum(0)
         return Dispatched(received, received_gates, local_counts.to(x.device), local_counts.tolist(), token_index,
