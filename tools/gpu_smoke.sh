@@ -56,6 +56,9 @@ print(f"stage {s['stage']}: loss {s['first_loss']:.4g} -> {s['last_loss']:.4g}, 
 PY
 done
 cp "$RUN"/stage3/samples/*.png "$OUT/" 2>/dev/null || true
+# the planner against CUDA's allocator: stage 1's planned bytes per GPU beside its measured peak
+check "planner vs torch.cuda.max_memory_allocated (stage 1)" $PYTHON tools/plan_vs_peak.py configs/digits/stage1.yaml \
+  "$ASSETS/teacher" "$RUN/stage1/metrics.jsonl" "$OUT/plan_stage1.json"
 check "generate: the stage-3 student beside its teacher, bf16 on CUDA" d2m generate --student "$RUN/stage3/export" \
   --pipeline "$ASSETS/teacher" --prompt "a handwritten digit seven" --teacher-too --out "$OUT/generate"
 
