@@ -64,11 +64,13 @@ def test_two_ranks_ep2_equal_one_rank(tmp_path, digits_teacher, digits_student):
         assert changed_outside(init, w, lambda k: ".experts." in k or k.endswith("router.weight")) == []
 
 
-@pytest.mark.parametrize("source", ["digits", "shards"])
+@pytest.mark.parametrize("source", ["shards"])
 def test_sigterm_then_resume_equals_uninterrupted(tmp_path, digits_teacher, digits_student, digits_latent_shards,
                                                   source):
     """Stage 2 (ZeRO-2, DeepSpeed writes its client state from rank 0 only): every rank's data position
-    is its own, so both ranks continue exactly where they stopped, on either data source."""
+    is its own, so both ranks continue exactly where they stopped. On the streamed shards, whose position
+    is state; the digits source's batches are addressed by step (its resumes, same layout or another, are
+    tests/distill/test_resume.py's and the Slurm requeue test's), so a second run here bought nothing."""
     # with an EMA: its per-rank shards are part of the checkpoint, and the export is the average
     steps = ["steps=24", "parallel.ep_size=2", "data.batch_size=4", "ckpt.every=5", "ema.enabled=true",
              "ema.decay=0.9"]

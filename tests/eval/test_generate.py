@@ -212,37 +212,36 @@ def test_generate_on_the_digits_preset_writes_the_grid_and_json(digits_teacher, 
     assert (out / "grid.png").is_file() and np.asarray(Image.open(out / "student/00000.png")).shape == (8, 8, 3)
 
 
-def _generate_on_ranks(rank, world, teacher, student, out):
+def _generate_on_ranks(rank, world, teacher, student, out, marker):
+    """Two runs in the same processes: every prompt (sharded over the ranks), then one where rank 1 fails."""
+    from d2m_dist.config import ConfigError
+
     run_generate(GenerateRequest(student=str(student), pipeline=str(teacher), prompts=DIGIT_PROMPTS, out=str(out),
                                  steps=8, guidance=2.0), torch.device("cpu"))
+    if marker is None:
+        return
+    missing = str(out.parent / "no-such-student")
+    try:
+        run_generate(GenerateRequest(student=missing if rank == 1 else str(student), pipeline=str(teacher),
+                                     prompts=DIGIT_PROMPTS, out=str(out.parent / "failed-out"), steps=2),
+                     torch.device("cpu"))
+    except ConfigError as exc:
+        (marker.parent / f"{marker.name}{rank}").write_text(str(exc))
 
 
-def test_prompts_sharded_over_two_ranks_give_the_one_rank_images(digits_teacher, digits_student, tmp_path):
+def test_prompts_sharded_over_two_ranks_give_the_one_rank_images_and_a_failure_stops_every_rank(
+        digits_teacher, digits_student, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _generate_on_ranks(0, 1, digits_teacher, digits_student, one)
-    run_ranks(_generate_on_ranks, 2, digits_teacher, digits_student, two)
+    _generate_on_ranks(0, 1, digits_teacher, digits_student, one, None)
+    run_ranks(_generate_on_ranks, 2, digits_teacher, digits_student, two, tmp_path / "failed", timeout=300)
     a, b = (json.loads((d / "generate.json").read_text()) for d in (one, two))
     assert b["world_size"] == 2 and [r["rank"] for r in b["images"]] == [0, 1, 0]
     for ra, rb in zip(a["images"], b["images"]):
         assert ra["prompt"] == rb["prompt"] and ra["seed"] == rb["seed"]
         assert np.array_equal(np.asarray(Image.open(one / ra["files"]["student"])),
                               np.asarray(Image.open(two / rb["files"]["student"])))
-
-
-def _fail_on_rank_one(rank, world, teacher, student, out, marker):
-    from d2m_dist.config import ConfigError
-
-    missing = str(out.parent / "no-such-student")
-    try:
-        run_generate(GenerateRequest(student=missing if rank == 1 else str(student), pipeline=str(teacher),
-                                     prompts=DIGIT_PROMPTS, out=str(out), steps=2), torch.device("cpu"))
-    except ConfigError as exc:
-        (marker.parent / f"{marker.name}{rank}").write_text(str(exc))
-
-
-def test_a_failure_on_one_rank_stops_every_rank_and_writes_nothing(digits_teacher, digits_student, tmp_path):
-    out = tmp_path / "out"
-    run_ranks(_fail_on_rank_one, 2, digits_teacher, digits_student, out, tmp_path / "failed", timeout=300)
-    for rank in range(2):  # both ranks raised the same error (none waited in a collective), naming rank 1
+    # rank 1 could not find its student: both ranks raised the same error naming it (none waited in a
+    # collective), and the second run wrote nothing
+    for rank in range(2):
         assert (tmp_path / f"failed{rank}").read_text().startswith("[rank 1] student not found")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed0", "failed1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["failed0", "failed1", "one", "two"]
