@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch", type=int, help="per-GPU batch (default: the stage's data.batch_size)")
     sp.add_argument("--resolution", type=int, default=1024, help="image side in pixels")
     sp.add_argument("--text-tokens", type=int, default=512, help="T5 tokens (FLUX.1-dev: 512)")
-    sp.add_argument("--act-ckpt", action="store_true", help="activation checkpointing only (default: with and without)")
+    sp.add_argument("--act-ckpt", action="store_true",
+                    help="plan with activation checkpointing (the trainer does not checkpoint yet; default: without)")
     sp.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU (default 400)")
     sp.add_argument("--intra-gbps", type=float, default=300.0, help="GB/s per GPU inside a node (default 300)")
     sp.add_argument("--inter-gbps", type=float, default=40.0, help="GB/s per GPU between nodes (default 40)")

@@ -24,9 +24,11 @@ def main(config: str, teacher: str, metrics: str, out: str) -> int:
     if not peaks:
         print(f"planned {planned:.3f} GiB per GPU; the run logged no CUDA peak")
         return 1
-    print(f"planned {planned:.3f} GiB per GPU (2 GB of it the gradient staging bucket), measured peak "
-          f"{peaks[-1]:.3f} GiB: ratio {planned / peaks[-1]:.2f}")
-    return 0
+    ratio = planned / peaks[-1]
+    buckets = result["layouts"][0]["gpu_bytes"]["comm_buffers"] / 2**30
+    print(f"planned {planned:.3f} GiB per GPU ({buckets:.3f} GiB of it gradient staging buckets), measured peak "
+          f"{peaks[-1]:.3f} GiB: ratio {ratio:.2f} ({'within' if 0.75 <= ratio <= 1.33 else 'OUTSIDE'} 0.75-1.33)")
+    return 0 if 0.75 <= ratio <= 1.33 else 1
 
 
 if __name__ == "__main__":

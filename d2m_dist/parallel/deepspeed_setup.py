@@ -311,10 +311,16 @@ def measured_state(engine) -> Dict[str, int]:
         buffer = _tensor_bytes(opt.grad_partitions_flat_buffer)
         if buffer != out["grads_experts"] + out["grads_rest"]:
             raise RuntimeError(f"gradient partition buffer holds {buffer} bytes, the partitions {out['grads_experts'] + out['grads_rest']}")
-        for flat in opt.fp32_partitioned_groups_flat:
+        for i, flat in enumerate(opt.fp32_partitioned_groups_flat):
             state = [flat] + [t for t in base.state.get(flat, {}).values()
                               if isinstance(t, torch.Tensor) and t.dim() > 0]
-            add("optimizer", False, sum(_tensor_bytes(t) for t in state))
+            nbytes = sum(_tensor_bytes(t) for t in state)
+            # a sub-group's flat holds its parameters' partitions in order: split it by their sizes
+            members = opt.fp16_partitioned_groups[i]
+            owned = sum(t.numel() for t in members)
+            e_owned = sum(t.numel() for t, p in zip(members, opt.fp16_groups[i]) if id(p) in experts)
+            add("optimizer", True, nbytes * e_owned // max(1, owned))
+            add("optimizer", False, nbytes - nbytes * e_owned // max(1, owned))
         out["comm_buffers"] = sum(_tensor_bytes(b.buffer) for b in opt.ipg_buckets.values())
     for kind in ("params", "grads", "optimizer"):
         out[kind] = out[f"{kind}_experts"] + out[f"{kind}_rest"]

@@ -27,6 +27,8 @@ from d2m_dist.plan.activations import activation_estimate, build_twin
 from d2m_dist.plan.memory import Param
 
 DEFAULT_TEACHER = "meta:flux1-dev"
+# DeepSpeed's LOWER_PRECISION_SAFE_MODULES: their parameters' gradients travel in bf16 under autocast
+LINEAR_CLASSES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # what a plan never reads, filled only where the files leave it unset
 PLACEHOLDERS = {"teacher.path": DEFAULT_TEACHER, "run_dir": "plan", "output": "plan"}
 
@@ -45,8 +47,10 @@ class PlannedStage:
     def params(self, ep: int) -> List[Param]:
         """The student's parameters as a rank of an ``ep``-way expert-parallel group holds them."""
         experts = {id(p) for _, layer in moe_layers(self.student) for p in layer.experts.parameters()}
-        return [Param(name, p.numel() // (ep if id(p) in experts else 1), id(p) in experts, p.requires_grad)
-                for name, p in self.student.named_parameters()]
+        linear = {id(p) for m in self.student.modules() if type(m) in LINEAR_CLASSES
+                  for p in m.parameters(recurse=False)}
+        return [Param(name, p.numel() // (ep if id(p) in experts else 1), id(p) in experts, p.requires_grad,
+                      id(p) in linear) for name, p in self.student.named_parameters()]
 
     def teacher_numels(self) -> List[int]:
         return [p.numel() for p in self.teacher.parameters()]
@@ -60,14 +64,25 @@ class PlannedStage:
             return len(self.teacher.transformer_blocks) + len(self.teacher.single_transformer_blocks)
         return len(mob_groups(self.student)) if self.recipe.losses.group else 0
 
-    def activations(self, image_tokens: int, text_tokens: int, batch: int, act_bytes: int,
-                    teacher_bytes: int) -> Dict[str, Dict[str, int]]:
-        key = (image_tokens, text_tokens, batch, act_bytes, teacher_bytes)
+    @property
+    def bf16(self) -> bool:
+        """Whether the stage trains under bf16 autocast on GPUs (precision auto or bf16)."""
+        return self.stage.precision != "fp32"
+
+    @property
+    def teacher_bytes(self) -> int:
+        return 4 if self.stage.teacher.dtype == "fp32" else 2
+
+    def activations(self, image_tokens: int, text_tokens: int, batch: int, ep: int,
+                    bf16: Optional[bool] = None) -> Dict[str, Dict[str, int]]:
+        bf16 = self.bf16 if bf16 is None else bf16
+        key = (image_tokens, text_tokens, batch, ep, bf16)
         if key not in self._activations:
             if self._twin is None:
                 self._twin = build_twin(self.teacher_config, self.convert, self.stage, self.recipe)
-            self._activations[key] = activation_estimate(self._twin, self.teacher_config, image_tokens, text_tokens,
-                                                         batch, act_bytes, teacher_bytes, self.feature_blocks())
+            self._activations[key] = activation_estimate(
+                self._twin, self.student, self.teacher_config, image_tokens, text_tokens, batch, ep, bf16,
+                self.teacher_bytes, self.feature_blocks())
         return self._activations[key]
 
 

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 from d2m_dist.config import ConfigError
 from d2m_dist.plan.inventory import PlannedStage
-from d2m_dist.plan.memory import student_state, teacher_state
+from d2m_dist.plan.memory import FP32, teacher_state, worst_rank_state
 from d2m_dist.plan.traffic import Rates, Tokens, step_seconds, step_traffic
 
 # what the CUDA context, the allocator's fragmentation and NCCL's own buffers take beyond the tensors
@@ -73,8 +73,8 @@ class LayoutPlan:
 
 def check_layout(planned: PlannedStage, cluster: Cluster, layout: Layout) -> None:
     world = cluster.world
-    if layout.zero not in (1, 2, 3):
-        raise ConfigError(f"--zero {layout.zero}: 1, 2 or 3")
+    if layout.zero not in (2, 3):
+        raise ConfigError(f"--zero {layout.zero}: 2 or 3")
     if layout.teacher not in ("resident", "sharded", "offload"):
         raise ConfigError(f"--teacher {layout.teacher}: resident, sharded or offload")
     if layout.ep < 1 or world % layout.ep:
@@ -88,40 +88,49 @@ def check_layout(planned: PlannedStage, cluster: Cluster, layout: Layout) -> Non
         raise ConfigError(f"--batch {layout.batch}: must be >= 1")
 
 
-def plan_layout(planned: PlannedStage, cluster: Cluster, layout: Layout, tokens: Tokens,
-                act_bytes: int = 2, teacher_bytes: int = 2) -> LayoutPlan:
+def plan_layout(planned: PlannedStage, cluster: Cluster, layout: Layout, tokens: Tokens) -> LayoutPlan:
     check_layout(planned, cluster, layout)
     world, g = cluster.world, cluster.gpus_per_node
+    bf16, teacher_bytes = planned.bf16, planned.teacher_bytes
     params = planned.params(layout.ep)
-    # the worst rank: ZeRO-1/2 shares differ by a few padding elements; take rank 0's (it owns the most)
-    state = student_state(params, world, layout.ep, layout.zero, rank=0)
+    state = worst_rank_state(params, world, layout.ep, layout.zero, bf16)
     teacher = teacher_state(planned.teacher_numels(), world, layout.teacher, teacher_bytes)
-    acts = planned.activations(tokens.image, tokens.text, layout.batch, act_bytes, teacher_bytes)
+    acts = planned.activations(tokens.image, tokens.text, layout.batch, layout.ep)
     chosen = acts["with_ckpt" if layout.act_ckpt else "without_ckpt"]
+    trained = sum(p.numel for p in params if p.trainable)
     gpu = {
         "student_params_experts": state.params.experts, "student_params_rest": state.params.rest,
-        "grads_experts": state.grads.experts, "grads_rest": state.grads.rest,
         "optimizer_experts": state.optimizer.experts, "optimizer_rest": state.optimizer.rest,
+        "ema": FP32 * trained if planned.stage.ema.enabled else 0,  # an fp32 copy of what trains
         "teacher": teacher.device,
-        "activations": chosen["student"], "teacher_features": chosen["teacher_features"],
+        "activations": chosen["student"], "weight_copies": chosen["weight_copies"],
+        "teacher_features": chosen["teacher_features"],
+        "grads_experts": state.grads.experts, "grads_rest": state.grads.rest,
         "comm_buffers": state.comm_buffers,
     }
-    host = {"teacher_offload": teacher.host * g}
+    # every rank first reads the whole (local) fp32 student and the teacher into host memory, then moves the
+    # student whole onto its GPU before DeepSpeed flattens or partitions it
+    local_student = FP32 * sum(p.numel for p in params)
+    teacher_whole = teacher_bytes * sum(planned.teacher_numels())
+    host = {"teacher_offload": teacher.host * g, "start_up_loading": g * (local_student + teacher_whole)}
     traffic = step_traffic(planned.student, params, planned.teacher_numels(), t=tokens, batch=layout.batch,
-                           world=world, ep=layout.ep, zero=layout.zero, teacher=layout.teacher, act_bytes=act_bytes,
+                           world=world, ep=layout.ep, zero=layout.zero, teacher=layout.teacher, bf16=bf16,
                            teacher_bytes=teacher_bytes)
     seconds = step_seconds(planned.student, planned.teacher, tokens, layout.batch, traffic, world=world,
                            gpus_per_node=g, ep=layout.ep, rates=cluster.rates)
     budget = int(cluster.gpu_mem * (1 - GPU_RESERVE_FRACTION))
     overflow = None
-    used = 0
-    for item, nbytes in gpu.items():  # in the order the trainer allocates them
-        used += nbytes
-        if used > budget:
-            overflow = f"GPU memory at {item} ({_gb(used)} of {_gb(budget)} usable)"
-            break
-    if overflow is None and sum(host.values()) > cluster.host_mem:
-        overflow = f"host memory: teacher offload ({_gb(sum(host.values()))} of {_gb(cluster.host_mem)} per node)"
+    total = sum(gpu.values())
+    resident_teacher = teacher_bytes * sum(planned.teacher_numels()) if layout.teacher == "resident" else 0
+    if local_student + resident_teacher > budget:
+        overflow = (f"GPU memory at start-up: the whole fp32 student ({_gb(local_student)}) goes onto the GPU "
+                    f"before ZeRO shards it{' beside the resident teacher' if resident_teacher else ''}")
+    elif total > budget:
+        largest = max(gpu, key=gpu.get)
+        overflow = f"GPU memory: {_gb(total)} of {_gb(budget)} usable; the largest item is {largest} ({_gb(gpu[largest])})"
+    elif max(host["teacher_offload"], host["start_up_loading"]) > cluster.host_mem:
+        item = max(host, key=host.get)
+        overflow = f"host memory: {item} ({_gb(host[item])} of {_gb(cluster.host_mem)} per node)"
     return LayoutPlan(layout, gpu, host, traffic.as_dict(), seconds, world * layout.batch / seconds["step"],
                       overflow is None, overflow, sum(acts["without_ckpt"].values()), sum(acts["with_ckpt"].values()))
 

@@ -14,6 +14,8 @@ engines in tests/plan/test_memory.py):
   ``world / ep``. Each rank owns ``padded / dp`` of a group: an fp32 master copy
   and Adam's two moments (12 bytes per element), and the gradients of every
   parameter that overlaps its share (``grads_in_partition``, whole parameters);
+  a 5e8-element fp32 gradient staging bucket per communication dtype (under bf16
+  autocast ``nn.Linear`` weights reduce in bf16, the rest in fp32: two buckets);
 * **ZeRO-3**: every parameter is cut into ``ceil(n / world)``-element partitions
   (the last padded); parameters of at most 100,000 elements also stay whole on
   every rank (``param_persistence_threshold``); trainable partitions get an fp32
@@ -32,7 +34,7 @@ from typing import Dict, List, Sequence
 ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: nccl_start_alignment_factor
 MOE_MAX_GROUP_SIZE = 178956971  # moe/utils.py: split_params_into_different_moe_groups_for_optimizer
 PERSISTENCE_THRESHOLD = 100_000  # ZeRO-3 param_persistence_threshold (DeepSpeed's default; our student keeps it)
-REDUCE_BUCKET_ELEMENTS = 500_000_000  # ZeRO-1/2 reduce_bucket_size: one staging buffer per gradient dtype
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # reduce_bucket_size: one staging buffer per gradient communication dtype
 ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq, per trainable element a rank owns
 FP32 = 4
 
@@ -45,6 +47,9 @@ class Param:
     numel: int  # elements on this rank's module (an expert stack: this rank's experts only)
     expert: bool
     trainable: bool
+    # owned by exactly an nn.Linear/ConvNd: under bf16 autocast DeepSpeed reduces its gradient in bf16
+    # (runtime/torch_autocast.init_autocast_params), everything else in fp32
+    linear: bool = False
 
 
 @dataclass
@@ -121,19 +126,25 @@ def _owned_params(group: Sequence[Param], dp: int, rank: int) -> List[Param]:
     return out
 
 
-def zero12_state(params: Sequence[Param], world: int, ep: int, rank: int = 0) -> StudentState:
-    """ZeRO-1/2: what ``rank`` holds (its index inside each group's data-parallel group is ``rank % dp``)."""
+def comm_dtypes(params: Sequence[Param], bf16: bool) -> set:
+    """The gradient communication dtypes of the trainable parameters (bytes per element)."""
+    return {2 if (bf16 and p.linear) else FP32 for p in params if p.trainable}
+
+
+def zero12_state(params: Sequence[Param], world: int, ep: int, rank: int = 0, bf16: bool = False) -> StudentState:
+    """ZeRO-1/2: what global ``rank`` holds. Its index in the dense group is ``rank``; DeepSpeed's
+    expert-data-parallel groups are strided (ranks ``r % ep, r % ep + ep, ...``), so there it is ``rank // ep``."""
     s = StudentState()
     for p in params:
         if not p.trainable:
             s.params.add(p.expert, FP32 * p.numel)
-    dtypes = set()
     for group, dp in optimizer_groups(params, world, ep):
         if not group:
             continue
         n = sum(p.numel for p in group)
         flat = padded(n, dp)
         expert = group[0].expert and ep > 1  # with ep 1 the experts share the dense group
+        index = rank // ep if expert else rank % dp
         if expert or ep > 1 or not any(p.expert for p in group):
             s.params.add(expert, FP32 * flat)
             s.optimizer.add(expert, ADAM_BYTES * flat // dp)
@@ -142,14 +153,13 @@ def zero12_state(params: Sequence[Param], world: int, ep: int, rank: int = 0) ->
             s.params.add(True, FP32 * e)
             s.params.add(False, FP32 * (flat - e))
             share = flat // dp
-            e_share = _expert_elements_in_share(group, dp, rank % dp)
+            e_share = _expert_elements_in_share(group, dp, index)
             s.optimizer.add(True, ADAM_BYTES * e_share)
             s.optimizer.add(False, ADAM_BYTES * (share - e_share))
-        for p in _owned_params(group, dp, rank % dp):
+        for p in _owned_params(group, dp, index):
             s.grads.add(p.expert, FP32 * p.numel)
-        dtypes.add(expert)
-    # contiguous gradients: a staging bucket per gradient dtype (fp32 here: experts and dense alike)
-    s.comm_buffers = FP32 * REDUCE_BUCKET_ELEMENTS if dtypes else 0
+    # contiguous gradients: an fp32 staging bucket per gradient communication dtype
+    s.comm_buffers = FP32 * REDUCE_BUCKET_ELEMENTS * len(comm_dtypes(params, bf16))
     return s
 
 
@@ -170,7 +180,7 @@ def partition(numel: int, world: int) -> int:
     return math.ceil(numel / world)
 
 
-def zero3_state(params: Sequence[Param], world: int) -> StudentState:
+def zero3_state(params: Sequence[Param], world: int, bf16: bool = False) -> StudentState:
     s = StudentState()
     for p in params:
         part = partition(p.numel, world)
@@ -179,17 +189,26 @@ def zero3_state(params: Sequence[Param], world: int) -> StudentState:
         if p.trainable:
             s.optimizer.add(p.expert, ADAM_BYTES * part)
             s.grads.add(p.expert, FP32 * part)
-    # contiguous gradients (ZeRO-3's default): a staging bucket, allocated with the optimizer
-    s.comm_buffers = FP32 * REDUCE_BUCKET_ELEMENTS if any(p.trainable for p in params) else 0
+    # contiguous gradients (ZeRO-3's default): a staging bucket in each communication dtype, made with the optimizer
+    s.comm_buffers = sum(nbytes * REDUCE_BUCKET_ELEMENTS for nbytes in comm_dtypes(params, bf16))
     return s
 
 
-def student_state(params: Sequence[Param], world: int, ep: int, zero: int, rank: int = 0) -> StudentState:
+def student_state(params: Sequence[Param], world: int, ep: int, zero: int, rank: int = 0,
+                  bf16: bool = False) -> StudentState:
     if zero == 3:
         if ep != 1:
             raise ValueError("ZeRO-3 runs with ep 1 (expert shards differ by rank)")
-        return zero3_state(params, world)
-    return zero12_state(params, world, ep, rank)
+        return zero3_state(params, world, bf16)
+    return zero12_state(params, world, ep, rank, bf16)
+
+
+def worst_rank_state(params: Sequence[Param], world: int, ep: int, zero: int, bf16: bool = False) -> StudentState:
+    """The rank holding the most (ZeRO-1/2 shares differ: whole parameters straddle share boundaries)."""
+    if zero == 3:
+        return student_state(params, world, ep, zero, 0, bf16)
+    states = [zero12_state(params, world, ep, r, bf16) for r in range(world)]
+    return max(states, key=lambda s: s.params.total + s.grads.total + s.optimizer.total)
 
 
 @dataclass

@@ -43,11 +43,25 @@ class PlanRequest:
     overrides: Sequence[str] = ()
 
 
+def _check(req: PlanRequest) -> None:
+    positive = {"--nodes": req.nodes, "--gpus-per-node": req.gpus_per_node, "--resolution": req.resolution,
+                "--tflops": req.rates.tflops, "--intra-gbps": req.rates.intra_gbps,
+                "--inter-gbps": req.rates.inter_gbps, "--pcie-gbps": req.rates.pcie_gbps}
+    if req.batch is not None:
+        positive["--batch"] = req.batch
+    for flag, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{flag} {value}: must be > 0")
+    if req.text_tokens < 0:
+        raise ConfigError(f"--text-tokens {req.text_tokens}: must be >= 0")
+
+
 def run_plan(req: PlanRequest) -> Dict:
-    if req.nodes < 1 or req.gpus_per_node < 1:
-        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+    _check(req)
     cluster = Cluster(req.nodes, req.gpus_per_node, parse_bytes(req.gpu_mem, "--gpu-mem"),
                       parse_bytes(req.host_mem, "--host-mem"), req.rates)
+    if cluster.gpu_mem <= 0 or cluster.host_mem <= 0:
+        raise ConfigError("--gpu-mem and --host-mem must be > 0")
     try:
         tokens = Tokens(image_tokens(req.resolution, req.resolution), req.text_tokens)
     except ValueError as exc:
@@ -57,7 +71,8 @@ def run_plan(req: PlanRequest) -> Dict:
     layouts = candidate_layouts(planned, cluster, batch, req.ep, req.zero, req.teacher, req.act_ckpt)
     plans = rank_layouts(planned, cluster, tokens, layouts)
     return {
-        "config": req.config, "stage": req.stage, "recipe": planned.recipe.summary,
+        "config": req.config, "stage": planned.stage.stage, "recipe": planned.recipe.summary,
+        "precision": "bf16 autocast" if planned.bf16 else "fp32", "grad_accum": planned.stage.optim.grad_accum,
         "cluster": {"nodes": req.nodes, "gpus_per_node": req.gpus_per_node, "gpu_mem": cluster.gpu_mem,
                     "host_mem_per_node": cluster.host_mem, "rates": req.rates.__dict__},
         "resolution": req.resolution, "image_tokens": tokens.image, "text_tokens": tokens.text,
@@ -75,7 +90,8 @@ def format_plan(result: Dict, top: int = 12) -> List[str]:
     lines = [f"stage {result['stage']} ({result['recipe']}) of {result['config']}",
              f"{c['nodes']} node(s) x {c['gpus_per_node']} GPUs of {c['gpu_mem'] / 2**30:.0f} GiB, host "
              f"{c['host_mem_per_node'] / 2**30:.0f} GiB per node; {result['resolution']}px = {result['image_tokens']} "
-             f"image + {result['text_tokens']} text tokens", ""]
+             f"image + {result['text_tokens']} text tokens; {result['precision']}; per micro-batch "
+             f"(grad_accum {result['grad_accum']} repeats compute and all_to_alls, not gradient traffic)", ""]
     head = ("layout", "fits", "img/s", "step s", "GiB/GPU", "params", "grads", "optim", "teacher", "acts",
             "buffers", "a2a GB", "grad GB")
     lines.append(" | ".join(head))
@@ -87,7 +103,8 @@ def format_plan(result: Dict, top: int = 12) -> List[str]:
         row = (name, "yes" if p["fits"] else "NO", f"{p['images_per_s']:.2f}", f"{p['seconds']['step']:.2f}",
                _gib(p["gpu_total"]), _gib(g["student_params_experts"] + g["student_params_rest"]),
                _gib(g["grads_experts"] + g["grads_rest"]), _gib(g["optimizer_experts"] + g["optimizer_rest"]),
-               _gib(g["teacher"]), _gib(g["activations"] + g["teacher_features"]), _gib(g["comm_buffers"]),
+               _gib(g["teacher"]), _gib(g["activations"] + g["weight_copies"] + g["teacher_features"]),
+               _gib(g["comm_buffers"]),
                f"{t['moe_all_to_all'] / 1e9:.2f}", f"{(t['grad_reduce'] + t['param_gather']) / 1e9:.2f}")
         lines.append(" | ".join(row))
         if not p["fits"]:
@@ -107,7 +124,7 @@ def format_plan(result: Dict, top: int = 12) -> List[str]:
                      "not checkpoint activations yet) or GPUs with more memory")
     a = result["layouts"][0]["activations"] if result["layouts"] else None
     if a:
-        lines.append(f"activations per GPU (student + teacher features), first layout: "
+        lines.append(f"activations per GPU (student, bf16 weight copies, teacher features), first layout: "
                      f"{a['without_ckpt'] / 2**30:.1f} GiB without checkpointing, {a['with_ckpt'] / 2**30:.1f} GiB with")
     return lines
 

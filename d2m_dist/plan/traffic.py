@@ -4,9 +4,10 @@ Unlike the parameter, gradient and optimizer bytes (:mod:`.memory`, exact), thes
 models:
 
 * **activations**: :mod:`.activations` (a traced twin of the student, scaled);
-* **communication** (bytes a rank sends per step): the MoE token exchange, dispatch and
-  combine in the forward and again in the backward, ``4 T k (D + 1)`` per site times
-  the share of rows that leave the rank, ``(ep - 1) / ep``; ZeRO-2's gradient
+* **communication** (bytes a rank sends per micro-batch): the MoE token exchange,
+  dispatch (row and gate in the FFN input's fp32) and combine (the expert output,
+  bf16 under autocast) in the forward and their gradients in the backward, per
+  site, times the share of rows that leave the rank, ``(ep - 1) / ep``; ZeRO-2's gradient
   reduce-scatter and parameter all-gather of the trained tensors over their
   data-parallel group, ``(dp - 1) / dp`` of 4 bytes each; ZeRO-3's parameter
   all-gathers (forward and backward) and gradient reduce-scatter; a sharded or
@@ -42,7 +43,7 @@ class Tokens:
 
 @dataclass
 class Traffic:
-    """Bytes one rank sends per optimizer step, by link kind."""
+    """Bytes one rank sends per micro-batch (gradient accumulation repeats the all_to_alls, not the rest)."""
 
     moe_all_to_all: int = 0
     grad_reduce: int = 0
@@ -54,7 +55,10 @@ class Traffic:
         return asdict(self)
 
 
-def moe_exchange_bytes(student: nn.Module, t: Tokens, batch: int, ep: int, act_bytes: int) -> int:
+def moe_exchange_bytes(student: nn.Module, t: Tokens, batch: int, ep: int, bf16: bool) -> int:
+    """Bytes a rank sends in MoE all_to_alls per micro-batch: per assignment, the dispatch carries the row and its
+    gate in the FFN input's dtype (fp32: the residual stream's norm stays fp32 under autocast) and the combine the
+    expert's output (bf16 under autocast); the backward sends their gradients, of the same sizes."""
     if ep == 1:
         return 0
     total = 0.0
@@ -68,12 +72,14 @@ def moe_exchange_bytes(student: nn.Module, t: Tokens, batch: int, ep: int, act_b
             elif isinstance(child, MoEFeedForward):
                 k = child.num_experts if child.unit_gates else child.top_k
                 tokens = _site_tokens(module, child, t)
-                total += rate * 4 * batch * tokens * k * (child.shape.dim + 1)
+                d = child.shape.dim
+                per_row = FP32 * (d + 1) + (2 if bf16 else FP32) * d  # dispatch + combine
+                total += rate * 2 * batch * tokens * k * per_row  # forward and backward
             else:
                 visit(child, rate)
 
     visit(student, 1.0)
-    return int(total * act_bytes * (ep - 1) / ep)
+    return int(total * (ep - 1) / ep)
 
 
 def _site_tokens(parent: nn.Module, layer: MoEFeedForward, t: Tokens) -> int:
@@ -85,9 +91,9 @@ def _site_tokens(parent: nn.Module, layer: MoEFeedForward, t: Tokens) -> int:
 
 
 def step_traffic(student: nn.Module, params: Sequence[Param], teacher_numels: Sequence[int], *, t: Tokens,
-                 batch: int, world: int, ep: int, zero: int, teacher: str, act_bytes: int,
+                 batch: int, world: int, ep: int, zero: int, teacher: str, bf16: bool,
                  teacher_bytes: int) -> Traffic:
-    tr = Traffic(moe_all_to_all=moe_exchange_bytes(student, t, batch, ep, act_bytes))
+    tr = Traffic(moe_all_to_all=moe_exchange_bytes(student, t, batch, ep, bf16))
 
     def share(dp: int) -> float:
         return (dp - 1) / dp if dp > 1 else 0.0
@@ -124,7 +130,7 @@ def step_seconds(student: nn.Module, teacher: nn.Module, t: Tokens, batch: int, 
                  gpus_per_node: int, ep: int, rates: Rates) -> Dict[str, float]:
     flops = batch * (3 * forward_flops(student, t.image, t.text).flops + forward_flops(teacher, t.image, t.text).flops)
     multi_node = world > gpus_per_node
-    ep_spans_nodes = ep > gpus_per_node
+    ep_spans_nodes = ep > gpus_per_node or gpus_per_node % ep != 0  # a group that straddles a node boundary
     link = (rates.inter_gbps if multi_node else rates.intra_gbps) * 1e9
     out = {
         "compute": flops / (rates.tflops * 1e12),

@@ -16,19 +16,20 @@ from d2m_dist.plan.inventory import plan_inputs
 from d2m_dist.plan.memory import student_state, teacher_state
 from tests.distributed import run_ranks
 
-LAYOUTS = [  # (stage, ep, teacher placement): ZeRO-3 in stage 1, ZeRO-2 with and without EP in stage 2
-    (1, 1, "resident"),
-    (2, 1, "sharded"),
-    (2, 2, "offload"),
+LAYOUTS = [  # (stage, ep, ZeRO stage, teacher placement): stage 1's ZeRO-3 with frozen experts, stage 2 on
+    (1, 1, 3, "resident"),  # ZeRO-2 with and without EP and on ZeRO-3 with training experts
+    (2, 1, 2, "sharded"),
+    (2, 2, 2, "offload"),
+    (2, 1, 3, "resident"),
 ]
 
 
-def _configs(tmp_path, teacher, student, stage, ep, placement):
+def _configs(tmp_path, teacher, student, stage, ep, zero, placement):
     (tmp_path / "stage0.yaml").write_text(f"teacher:\n  path: {teacher}\nmoe:\n  spec: 1S4E2A\noutput: unused\n")
     f = tmp_path / f"stage{stage}.yaml"
     f.write_text(f"stage: {stage}\nrun_dir: {tmp_path / 'run'}\ninit: {student}\nteacher:\n  path: {teacher}\n"
-                 f"  placement: {placement}\nparallel:\n  ep_size: {ep}\ndata:\n  batch_size: 4\n"
-                 "log:\n  wandb: false\n  progress: false\n  fixed_batches: 0\nckpt:\n  every: 0\n")
+                 f"  placement: {placement}\nparallel:\n  ep_size: {ep}\n  zero_stage: {zero}\ndata:\n"
+                 "  batch_size: 4\nlog:\n  wandb: false\n  progress: false\n  fixed_batches: 0\nckpt:\n  every: 0\n")
     return f
 
 
@@ -83,28 +84,34 @@ def _measure_on_ranks(rank, world, configs, out):
 @pytest.mark.multiproc
 def test_planned_bytes_equal_the_engines(tmp_path, digits_teacher, digits_student):
     configs = []
-    for n, (stage, ep, placement) in enumerate(LAYOUTS):
+    for n, (stage, ep, zero, placement) in enumerate(LAYOUTS):
         (tmp_path / str(n)).mkdir()
-        configs.append(_configs(tmp_path / str(n), digits_teacher, digits_student, stage, ep, placement))
+        configs.append(_configs(tmp_path / str(n), digits_teacher, digits_student, stage, ep, zero, placement))
     run_ranks(_measure_on_ranks, 2, configs, tmp_path)
-    for n, ((stage, ep, placement), config) in enumerate(zip(LAYOUTS, configs)):
+    for n, ((stage, ep, zero, placement), config) in enumerate(zip(LAYOUTS, configs)):
         planned = plan_inputs(str(config), stage)
-        zero = planned.recipe.zero_stage
+        assert planned.recipe.zero_stage == zero
         teacher = teacher_state(planned.teacher_numels(), 2, placement, 4)  # fp32 on CPU
         for rank in range(2):
             got = json.loads((tmp_path / f"layout{n}-rank{rank}.json").read_text())
-            want = student_state(planned.params(ep), 2, ep, zero, rank).as_dict()
+            want = student_state(planned.params(ep), 2, ep, zero, rank, bf16=False).as_dict()  # CPU: fp32
             for key in want:
                 assert got[key] == want[key], (LAYOUTS[n], rank, key, got[key], want[key])
             if zero != 3:  # the storages the gradient slices point into: the whole parameters of its share
                 assert got["grads_storage"] == want["grads"]
-            assert got["teacher"] == teacher.device + teacher.host
+            assert got["teacher"] == teacher.device + teacher.host  # on CPU both live in the same memory
         # activations: the twin's estimate against what the real step's autograd kept, the ranks' mean (under
         # expert parallelism a rank's experts meet as many rows as the router sends them: the mean is balanced)
         got = sum(json.loads((tmp_path / f"layout{n}-rank{r}.json").read_text())["activations"] for r in range(2)) / 2
-        est = planned.activations(16, 8, 4, 4, 4)["without_ckpt"]  # 8x8 digits: 16 image tokens, 8 text; fp32
-        print("ACT", LAYOUTS[n], est, got)
+        est = planned.activations(16, 8, 4, ep, bf16=False)["without_ckpt"]  # 8x8 digits: 16 + 8 tokens; fp32
+        assert est["weight_copies"] == 0
         assert abs(sum(est.values()) - got) <= 0.25 * got, (LAYOUTS[n], est, got)
+        if stage == 2:  # the experts train: their share of the optimizer state is checked, not only zero
+            assert got_state(tmp_path, n)["optimizer_experts"] > 0
     # measured: expert parallelism halves the expert weights a rank holds (stage 2 at ep 1, then 2)
     ep1, ep2 = (json.loads((tmp_path / f"layout{n}-rank0.json").read_text())["params_experts"] for n in (1, 2))
     assert ep1 == 2 * ep2 > 0
+
+
+def got_state(tmp_path, n, rank=0):
+    return json.loads((tmp_path / f"layout{n}-rank{rank}.json").read_text())

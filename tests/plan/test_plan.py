@@ -36,6 +36,10 @@ def test_padding_and_groups_by_hand():
     assert [([p.name for p in g], dp) for g, dp in groups] == [(["a"], 4), (["e1"], 2), (["e2"], 2)]
     s = student_state(params, world=4, ep=2, zero=2)
     assert s.params.rest == 4 * (padded(10, 4) + 7) and s.params.experts == 4 * (padded(100, 2) + 200_000_000)
+    assert s.comm_buffers == 4 * 500_000_000  # fp32 gradients only; linear ones add a bf16 bucket under autocast
+    linear = [Param("w", 10, False, True, linear=True), Param("e", 100, True, True)]
+    assert student_state(linear, 4, 1, 2, bf16=True).comm_buffers == 2 * 4 * 500_000_000
+    assert student_state(linear, 4, 1, 3, bf16=True).comm_buffers == (2 + 4) * 500_000_000
     assert s.optimizer.rest == 12 * padded(10, 4) // 4
     assert s.optimizer.experts == 12 * (padded(100, 2) // 2 + 200_000_000 // 2)
 
@@ -50,7 +54,7 @@ def test_flux_moe_l_stage2_on_four_nodes(capsys):
     assert rates == sorted(rates, reverse=True) and out["best"] == fitting[0]
     for p in layouts:
         if not p["fits"]:
-            assert p["overflow"].startswith(("GPU memory at ", "host memory"))
+            assert p["overflow"].startswith(("GPU memory", "host memory"))
     # every ep that divides 32 ranks and 12 experts, both ZeRO stages (3 only at ep 1), three placements
     eps = sorted({p["layout"]["ep"] for p in layouts})
     assert eps == [1, 2, 4] and {p["layout"]["zero"] for p in layouts if p["layout"]["ep"] > 1} == {2}
@@ -65,18 +69,20 @@ def test_expert_state_per_gpu_falls_with_ep_and_the_verdict_names_the_overflow(m
     assert ep1.gpu["student_params_rest"] == ep4.gpu["student_params_rest"]
     assert ep4.traffic["moe_all_to_all"] > 0 == ep1.traffic["moe_all_to_all"]
     small = plan_layout(moe_l, Cluster(4, 8, 8 * 2**30, 2**40), Layout(4, 2, "sharded", 1), t)
-    assert not small.fits and small.overflow.startswith("GPU memory at student_params_rest")
+    assert not small.fits and small.overflow.startswith("GPU memory at start-up: the whole fp32 student")
     rc, out = _plan(capsys, "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem", "8GB")
     assert rc == 1 and out["best"] is None
 
 
 def test_moe_exchange_bytes_by_hand(moe_l):
     # MoE-L: 19 double blocks (image stream 4096 tokens, text stream 512) and 38 single blocks (4608), k = 2 of 12,
-    # D = 3072; dispatch and combine, forward and backward: 4 exchanges of T k (D + 1) elements, (ep-1)/ep leave
+    # D = 3072; per assignment the dispatch sends the fp32 row and gate, the combine the bf16 output; forward and
+    # backward alike; (ep - 1) / ep of the rows leave the rank
     t, ep = Tokens(4096, 512), 4
     rows = 19 * (4096 + 512) + 38 * 4608
-    want = 4 * rows * 2 * (3072 + 1) * 2 * (ep - 1) / ep
-    assert moe_exchange_bytes(moe_l.student, t, batch=1, ep=ep, act_bytes=2) == int(want)
+    want = 2 * rows * 2 * (4 * (3072 + 1) + 2 * 3072) * (ep - 1) / ep
+    assert moe_exchange_bytes(moe_l.student, t, batch=1, ep=ep, bf16=True) == int(want)
+    assert moe_exchange_bytes(moe_l.student, t, batch=1, ep=1, bf16=True) == 0
 
 
 @pytest.mark.parametrize("args,message", [
@@ -85,6 +91,9 @@ def test_moe_exchange_bytes_by_hand(moe_l):
     (["--ep", "2", "--zero", "3"], "ZeRO-3 runs with ep 1"),
     (["--gpu-mem", "eighty"], "expected a size like 80GB"),
     (["--resolution", "1000"], "--resolution 1000"),
+    (["--resolution", "0"], "--resolution 0: must be > 0"),
+    (["--tflops", "0"], "--tflops 0.0: must be > 0"),
+    (["--text-tokens", "-5"], "--text-tokens -5: must be >= 0"),
 ])
 def test_bad_input_is_one_line(capsys, args, message):
     base = {"--nodes": "2", "--gpus-per-node": "4", "--gpu-mem": "80GB"}
