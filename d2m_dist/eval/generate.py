@@ -240,13 +240,16 @@ def run_generate(req: GenerateRequest, device: torch.device,
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object((records, pngs), parts, dst=0)
-    result = None
+    result, error = None, None
     if rank == 0:
         everything = sorted((r for part, _ in parts for r in part), key=lambda r: r.index)
         files = {k: v for _, part in parts for k, v in part.items()}
-        result = _write(req, kind, settings, dtype, device, world, everything, files, [n for n, _ in models], knobs)
-    if world > 1:
-        dist.barrier()
+        try:
+            result = _write(req, kind, settings, dtype, device, world, everything, files,
+                            [n for n, _ in models], knobs)
+        except Exception as exc:  # noqa: BLE001 - the other ranks learn of it instead of waiting
+            error = exc
+    _agree_on_failure(error, rank, world)  # also the barrier: no rank returns before the folder is in place
     return result
 
 
