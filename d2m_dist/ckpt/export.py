@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -30,6 +29,7 @@ from d2m_dist.ckpt.streaming import TensorFile, write_sharded
 from d2m_dist.models.diffusers_student import write_diffusers_student
 from d2m_dist.models.flux_config import DTYPES
 from d2m_dist.models.portable import CONFIG_FILE, PROVENANCE_FILE
+from d2m_dist.runtime.folders import written_whole
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINING_STATE_FILE = "training_state.json"
@@ -141,9 +141,7 @@ def export(path: str | Path, out: str | Path, *, weights: str = "last", optimize
             t = init_tensor(source[len("init:"):])
         return t.to(DTYPES[dtype])
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         entries = [(n, DTYPES[d], tuple(s)) for n, d, s, _ in tensors]
         write_sharded(tmp, "model", entries, produce, max_shard_bytes, {"format": "pt"})
         student_meta = dict(plan["student_meta"])
@@ -154,12 +152,6 @@ def export(path: str | Path, out: str | Path, *, weights: str = "last", optimize
             shutil.copy2(init_dir / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
         if optimizer:
             _export_optimizer(reader, tmp, tensors, max_shard_bytes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from d2m_dist.models.diffusers_student import (
 )
 from d2m_dist.models.flux_config import DTYPES
 from d2m_dist.models.portable import CONFIG_FILE, StudentMeta
+from d2m_dist.runtime.folders import written_whole
 
 GRID_ROWS = 16  # prompts shown in grid.png (every image is written as its own PNG)
 RESULT_FILE = "generate.json"
@@ -256,26 +254,13 @@ def run_generate(req: GenerateRequest, device: torch.device,
 def _write(req: GenerateRequest, kind: PipelineKind, settings: Settings, dtype: torch.dtype, device: torch.device,
            world: int, records: List[ImageRecord], files: Dict[str, bytes], names: List[str], knobs: Dict) -> Dict:
     """The output folder, whole or not at all: written beside ``out`` under a temporary name, then renamed."""
-    out = Path(req.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with written_whole(req.out) as tmp:  # --overwrite was checked by check_request; the old folder goes last
         for rel, data in files.items():
             (tmp / rel).parent.mkdir(exist_ok=True)
             (tmp / rel).write_bytes(data)
         _write_grid(tmp, records, names)
         result = _summary(req, kind, settings, dtype, device, world, records, names, knobs)
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2))
-        if out.exists():  # --overwrite (check_request refused it otherwise): the old folder goes last
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

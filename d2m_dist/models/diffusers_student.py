@@ -23,7 +23,6 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -45,6 +44,7 @@ from d2m_dist.models.portable import (
 )
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.models.surgery import convert_to_moe
+from d2m_dist.runtime.folders import written_whole
 
 CLASS_NAME = "FluxMoETransformer2DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model"  # diffusers' safetensors file stem
@@ -193,9 +193,7 @@ def write_diffusers_student(student: str | Path, out: str | Path, *, overwrite: 
     files = _portable_weight_files(student)
     if out.exists() and not overwrite:
         raise ConfigError(f"output {out} already exists (overwrite replaces it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         for src, dst in files.items():
             _link_or_copy(student / src, tmp / dst)
         index = student / "model.safetensors.index.json"
@@ -206,16 +204,6 @@ def write_diffusers_student(student: str | Path, out: str | Path, *, overwrite: 
         if (student / PROVENANCE_FILE).is_file():  # which dense neurons each expert came from: kept beside
             shutil.copy2(student / PROVENANCE_FILE, tmp / PROVENANCE_FILE)
         (tmp / DIFFUSERS_CONFIG).write_text(json.dumps(diffusers_config(meta), indent=2))
-        if out.exists():  # the old folder is set aside, not deleted, until the new one is in place
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -38,6 +36,7 @@ from d2m_dist.models.mob import apply_mob, mob_groups
 from d2m_dist.models.moe import moe_layers
 from d2m_dist.models.spec import MoESpec
 from d2m_dist.models.surgery import SitePartition, convert_to_moe
+from d2m_dist.runtime.folders import written_whole
 
 FORMAT = "d2m-student"
 VERSION = 1
@@ -121,9 +120,7 @@ def write_student(
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise ConfigError(f"output {folder} already exists (set overwrite=true to replace it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with written_whole(folder) as tmp:
         save_torch_state_dict(state_dict, tmp, max_shard_size=max_shard_size, metadata={"format": "pt"})
         if provenance:
             prov = {}
@@ -133,16 +130,6 @@ def write_student(
             save_file(prov, str(tmp / PROVENANCE_FILE))
         (tmp / CONFIG_FILE).write_text(meta.to_json())
         _fsync_dir(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
