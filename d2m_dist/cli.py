@@ -71,8 +71,10 @@ def cmd_teacher(args) -> int:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if Path(args.out).exists() and any(Path(args.out).iterdir()):
         raise ConfigError(f"teacher output {args.out} already exists and is not empty")
-    _, accuracy = pretrain_teacher(cfg, args.out, eval_per_digit=args.eval_per_digit, eval_scales=(1.0, 2.0))
-    print(f"teacher written to {args.out}; digit accuracy {accuracy}")
+    cfg.validate()
+    _, quality = pretrain_teacher(cfg, args.out, eval_per_class=args.eval_per_class, eval_scales=(1.0, 2.0))
+    what = "DigitEval" if cfg.task == "digiteval" else "digit accuracy"
+    print(f"teacher written to {args.out}; {what} {json.dumps(quality)}")
     return 0
 
 
@@ -119,6 +121,26 @@ def cmd_generate(args) -> int:
     result = run_generate(req, device, checked)
     if result is not None:
         print(f"{len(result['images'])} prompts written to {args.out} (grid.png, generate.json)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """DigitEval scores of a teacher or student, fidelity to the teacher, grids and a table row."""
+    from d2m_dist.digits.digiteval_report import (  # lazy: torch, diffusers, scikit-learn
+        EvalRequest,
+        check_request,
+        parse_seeds,
+        run_eval,
+    )
+
+    req = EvalRequest(model=args.model, out=args.out, teacher=args.teacher, prompts_file=args.prompts,
+                      per_category=args.per_category, prompt_seed=args.prompt_seed, seeds=parse_seeds(args.seeds),
+                      steps=args.steps, top_k=args.top_k, mob_kappa=args.mob_kappa,
+                      velocity_batches=args.velocity_batches, label=args.label, overwrite=args.overwrite)
+    checked = check_request(req)  # bad input: one line, nothing loaded or written
+    result = run_eval(req, checked)
+    print(result["row"])
+    print(f"written to {args.out} (eval.json, row.md, grid_<category>.png)")
     return 0
 
 
@@ -241,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", "stages 1-3: distil the student from the frozen teacher (DeepSpeed)", cmd_train)
     sp = with_config("teacher", "pretrain the digits preset's dense FLUX-architecture teacher", cmd_teacher)
     sp.add_argument("--out", required=True, help="output folder (diffusers pipeline root)")
-    sp.add_argument("--eval-per-digit", type=int, default=20)
+    sp.add_argument("--eval-per-class", "--eval-per-digit", type=int, default=20,
+                    help="samples per digit (task digits) or prompts per category (task digiteval) scored")
     sp = sub.add_parser("sample", help="digits: teacher vs student sample grid and accuracy")
     sp.add_argument("--teacher", required=True)
     sp.add_argument("--student", required=True)
@@ -268,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on a GPU, fp32 on the CPU")
     sp.add_argument("--overwrite", action="store_true")
     sp.set_defaults(func=cmd_generate)
+    sp = sub.add_parser("eval", help="DigitEval: per-category scores over seeds, fidelity to the teacher, grids")
+    sp.add_argument("--model", required=True, help="a DigitEval teacher folder, or a student (portable or diffusers)")
+    sp.add_argument("--teacher", help="the teacher (required for a student): same noise, fidelity, its card")
+    sp.add_argument("--prompts", help="JSON lines of DigitEval prompts (default: --per-category drawn prompts)")
+    sp.add_argument("--per-category", type=int, default=50)
+    sp.add_argument("--prompt-seed", type=int, default=0)
+    sp.add_argument("--seeds", nargs="+", default=["0", "1", "2"], help="noise seeds (scores' spread over them)")
+    sp.add_argument("--steps", type=int, default=20, help="Euler steps")
+    sp.add_argument("--top-k", type=int, help="active routed experts at every site (default: the student's own)")
+    sp.add_argument("--mob-kappa", type=int, help="active blocks per Mixture-of-Blocks group (default: the student's)")
+    sp.add_argument("--velocity-batches", type=int, default=4, help="held-out batches of 32 for velocity MSE (0: none)")
+    sp.add_argument("--label", help="the markdown row's name (default: the model folder's name)")
+    sp.add_argument("--out", required=True, help="output folder (written whole, or not at all)")
+    sp.add_argument("--overwrite", action="store_true")
+    sp.set_defaults(func=cmd_eval)
     sp = sub.add_parser("plan", help="what fits on a cluster: bytes per GPU, traffic, ranked layouts (docs/CLUSTERS.md)")
     sp.add_argument("--config", required=True, help="a preset folder (configs/presets/flux-dev-moe-l) or a stage file")
     sp.add_argument("--stage", type=int, default=2, help="the stage to plan (a preset folder's stage<N>.yaml)")

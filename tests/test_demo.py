@@ -24,6 +24,8 @@ def test_digits_pipeline_end_to_end(tmp_path):
         # on the same fixed batches and noise, the stage's own loss is lower at its end than at its start
         assert st["fixed_batch_loss_fell"], (s, st["fixed_batch_loss"])
         assert st["skipped_steps"] == 0
+        # each stage reports what it cost: teacher and student digit accuracy from the same noise at its end
+        assert 0 <= st["samples"]["digit_accuracy/student"] <= 1 and st["samples"]["digit_accuracy/teacher"] >= 0.8
     for s in ("stage1", "stage2"):  # stage 3's router can gain little here: measured on fixed batches only
         st = summary["stages"][s]
         assert st["loss_fell"], (s, st["loss_first"], st["loss_last"])
@@ -35,10 +37,12 @@ def test_digits_pipeline_end_to_end(tmp_path):
     accuracy = card["digit_accuracy"]
     assert accuracy["cfg1"] >= 0.9 and accuracy["cfg2"] >= 0.95, accuracy
     from d2m_dist.config import TeacherConfig
+    from d2m_dist.digits.card import teacher_card
     from d2m_dist.digits.evaluate import evaluate_teacher
     from d2m_dist.models.flux import load_teacher
 
-    assert evaluate_teacher(load_teacher(TeacherConfig(path=str(run / "teacher"))), 20) == accuracy["cfg1"]
+    teacher = load_teacher(TeacherConfig(path=str(run / "teacher")))
+    assert evaluate_teacher(teacher, teacher_card(run / "teacher"), 20) == accuracy["cfg1"]
     assert (run / "samples.png").stat().st_size > 0
     from d2m_dist.models.portable import load_student
 

@@ -64,7 +64,7 @@ def prepare_assets(run: Path, log: Path) -> None:
              env={"NPROC": "1", "VERB": "precompute"}, log=log)
     if not (run / "teacher/model_index.json").is_file():
         _run(_d2m("teacher", "--config", "configs/digits/teacher.yaml", "--out", str(run / "teacher"),
-                  "--eval-per-digit", "1", "steps=60", "warmup_steps=5"), log=log)
+                  "--eval-per-class", "1", "steps=60", "warmup_steps=5"), log=log)
     if not (run / "stage0").is_dir():
         _run(_d2m("convert", "--config", "configs/digits/stage0.yaml", f"teacher.path={run}/teacher",
                   f"output={run}/stage0"), log=log)

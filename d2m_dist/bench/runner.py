@@ -44,7 +44,7 @@ def _bench_partition(kv: Dict[str, str]):
     with tempfile.TemporaryDirectory(prefix="d2m-bench-teacher-") as tmp:
         if teacher is None:  # a fresh digits teacher (about a minute on 2 cores)
             teacher = str(Path(tmp) / "teacher")
-            pretrain_teacher(PretrainConfig(), teacher, eval_per_digit=10)
+            pretrain_teacher(PretrainConfig(), teacher, eval_per_class=10)
         calib = list(digits_batches(teacher, CalibrationConfig(num_batches=int(kv.pop("calib_batches", 16)),
                                                                batch_size=32, seed=0)))
         held = list(digits_batches(teacher, CalibrationConfig(num_batches=8, batch_size=32, seed=12345)))

@@ -23,7 +23,8 @@ import torch
 
 from d2m_dist.config import CalibrationConfig
 from d2m_dist.digits.card import teacher_card
-from d2m_dist.digits.data import digits_training_set, sample_batch
+from d2m_dist.digits.data import sample_batch
+from d2m_dist.digits.tasks import training_set
 from d2m_dist.distill.batches import FIXED_SEED_OFFSET, slice_inputs
 from d2m_dist.models.flow import FlowBatch, noised_inputs
 from d2m_dist.models.flux import FluxInputs
@@ -31,7 +32,7 @@ from d2m_dist.models.flux import FluxInputs
 
 def digits_batches(teacher_path: str | Path, cal: CalibrationConfig) -> Iterator[FlowBatch]:
     card = dataclasses.replace(teacher_card(teacher_path), batch_size=cal.batch_size)
-    data = digits_training_set(card.max_tokens)
+    data = training_set(card)
     for i in range(cal.num_batches):
         gen = torch.Generator().manual_seed(cal.seed * 7919 + i)
         batch = sample_batch(data, card, gen)
@@ -44,7 +45,7 @@ class DigitsBatches:
 
     def __init__(self, teacher_path: str, batch_size: int, rank: int, world: int, seed: int, grad_accum: int = 1):
         self.card = dataclasses.replace(teacher_card(teacher_path), batch_size=batch_size * world * grad_accum)
-        self.data = digits_training_set(self.card.max_tokens)
+        self.data = training_set(self.card)
         self.batch_size, self.rank, self.world, self.seed = batch_size, rank, world, seed
         self._drawn: Tuple[int, FluxInputs, torch.Tensor] | None = None
         self.delivered = 0  # samples handed out by get(), resumes included

@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from d2m_dist.config import ConfigError, check_non_negative, check_positive
 from d2m_dist.digits.text_encoder import EMBED_DIM
 
-IMAGE_SIZE = 8  # pixels per side; 2x2 packing gives a 4x4 token grid
-GRID = (IMAGE_SIZE // 2, IMAGE_SIZE // 2)
-LATENT_CHANNELS = 4  # one pixel channel x the 2x2 patch
 CARD_FILE = "d2m_teacher.json"  # how the teacher was trained and must be called
+# What a teacher draws: "digits", one grey 8x8 digit per caption ("a handwritten digit seven");
+# "digiteval", a 16x16 RGB canvas of four 8x8 slots (:mod:`d2m_dist.digits.digiteval`).
+TASKS = {"digits": (8, 1), "digiteval": (16, 3)}  # task -> (pixels per side, pixel channels)
 
 
 @dataclass
 class PretrainConfig:
+    task: str = "digits"  # a key of TASKS
     # architecture (defaults: 0.38M parameters; about 45 s on 2 idle cores to ~0.96 digit accuracy, 1.0 with CFG 2)
     num_layers: int = 1  # double-stream blocks
     num_single_layers: int = 2
@@ -50,9 +51,32 @@ class PretrainConfig:
     # this constant (CFG happens at sampling time); students must be fed the same.
     embedded_guidance: float = 1.0
     shift: bool = True  # FLUX's resolution-shifted logit-normal training timesteps
+    # the classifier-free guidance scale evaluations report beside unguided sampling (d2m eval)
+    sample_guidance: float = 2.0
     progress: bool = True
 
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of what the teacher draws."""
+        return TASKS[self.task][0]
+
+    @property
+    def pixel_channels(self) -> int:
+        return TASKS[self.task][1]
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """The packed token grid: 2x2 pixel patches."""
+        return self.image_size // 2, self.image_size // 2
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels per token: the pixel channels of a 2x2 patch."""
+        return 4 * self.pixel_channels
+
     def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"task {self.task!r}: must be one of {sorted(TASKS)}")
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ConfigError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
                               f"{self.attention_head_dim}")
@@ -67,6 +91,8 @@ class PretrainConfig:
                            num_layers=self.num_layers, num_single_layers=self.num_single_layers)
         if self.num_layers + self.num_single_layers < 1:
             raise ConfigError("num_layers + num_single_layers must be >= 1")
+        if self.sample_guidance < 1.0:
+            raise ConfigError(f"sample_guidance must be >= 1, got {self.sample_guidance}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
@@ -77,7 +103,7 @@ class PretrainConfig:
             "attention_head_dim": self.attention_head_dim,
             "axes_dims_rope": list(self.axes_dims_rope),
             "guidance_embeds": self.guidance_embeds,
-            "in_channels": LATENT_CHANNELS,
+            "in_channels": self.latent_channels,
             "joint_attention_dim": EMBED_DIM,
             "num_attention_heads": self.num_attention_heads,
             "num_layers": self.num_layers,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from d2m_dist.data.shards import SourceRecord
-from d2m_dist.digits.card import GRID, PretrainConfig
+from d2m_dist.digits.card import PretrainConfig
 from d2m_dist.digits.text_encoder import empty_caption_encoding, encode_captions
 from d2m_dist.models.flow import FlowBatch
 from d2m_dist.models.flux import latent_image_ids
@@ -56,7 +56,7 @@ def scan_digits(limit: Optional[int] = None) -> List[SourceRecord]:
 
 @dataclass
 class DigitsTrainingSet:
-    """All real digits, encoded once: the whole set is a few hundred kB."""
+    """All real digits, encoded once: the whole set is a few hundred kB (the "digits" task)."""
 
     latents: torch.Tensor  # [N, 16, 4] packed pixels in [-1, 1]
     labels: torch.Tensor  # [N]
@@ -64,6 +64,13 @@ class DigitsTrainingSet:
     caption_pooled: torch.Tensor  # [10, 384]
     empty_embeds: torch.Tensor  # [1, T, 384]
     empty_pooled: torch.Tensor  # [1, 384]
+
+    def sample(self, cfg: PretrainConfig, gen: torch.Generator) -> FlowBatch:
+        """A random batch of ``cfg.batch_size`` real digits, captions dropped at ``cfg.caption_dropout``."""
+        idx = torch.randint(self.latents.shape[0], (cfg.batch_size,), generator=gen)
+        labels = self.labels[idx]
+        return captioned_batch(self.latents[idx], self.caption_embeds[labels], self.caption_pooled[labels],
+                               (self.empty_embeds, self.empty_pooled), cfg, gen)
 
 
 def digit_captions() -> List[str]:
@@ -84,20 +91,25 @@ def digits_training_set(max_tokens: int) -> DigitsTrainingSet:
     )
 
 
-def sample_batch(data: DigitsTrainingSet, cfg: PretrainConfig, gen: torch.Generator) -> FlowBatch:
-    """A random batch with captions dropped to the empty caption at ``cfg.caption_dropout``."""
-    idx = torch.randint(data.latents.shape[0], (cfg.batch_size,), generator=gen)
-    labels = data.labels[idx]
-    embeds = data.caption_embeds[labels]
-    pooled = data.caption_pooled[labels]
-    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
-    embeds[drop] = data.empty_embeds
-    pooled[drop] = data.empty_pooled
+def captioned_batch(latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
+                    empty: Tuple[torch.Tensor, torch.Tensor], cfg: PretrainConfig, gen: torch.Generator) -> FlowBatch:
+    """Packed images with their captions' encodings, each caption replaced by the empty one at
+    ``cfg.caption_dropout`` (drawn from ``gen``), as the teacher of ``cfg`` is fed."""
+    batch = latents.shape[0]
+    drop = torch.rand(batch, generator=gen) < cfg.caption_dropout
+    embeds, pooled = embeds.clone(), pooled.clone()
+    embeds[drop] = empty[0]
+    pooled[drop] = empty[1]
     return FlowBatch(
-        latents=data.latents[idx],
+        latents=latents,
         prompt_embeds=embeds,
         pooled=pooled,
-        img_ids=latent_image_ids(*GRID),
+        img_ids=latent_image_ids(*cfg.grid),
         txt_ids=torch.zeros(cfg.max_tokens, 3),
-        guidance=torch.full((cfg.batch_size,), cfg.embedded_guidance) if cfg.guidance_embeds else None,
+        guidance=torch.full((batch,), cfg.embedded_guidance) if cfg.guidance_embeds else None,
     )
+
+
+def sample_batch(data, cfg: PretrainConfig, gen: torch.Generator) -> FlowBatch:
+    """A random training batch of ``data`` (a task's training set, :func:`d2m_dist.digits.tasks.training_set`)."""
+    return data.sample(cfg, gen)

@@ -71,33 +71,54 @@ def _one(item: Item, colour: bool) -> str:
     return f"{_article(word)} {word}"
 
 
+TINTS = ("red", "green", "blue")
+
+
+def draw_prompt(category: str, rng: np.random.Generator) -> Prompt:
+    """One prompt of ``category`` drawn with ``rng`` (distinct digits where two appear)."""
+    a, b = (int(x) for x in rng.choice(10, size=2, replace=False))
+    if category == "single":
+        return Prompt(category, _one(Item(a), False), (Item(a),))
+    if category == "two":
+        return Prompt(category, f"{_one(Item(a), False)} and {_one(Item(b), False)}", (Item(a), Item(b)))
+    if category == "counting":
+        n = int(rng.integers(1, 5))
+        caption = _one(Item(a), False) if n == 1 else f"{COUNTS[n]} {PLURALS[a]}"
+        return Prompt(category, caption, (Item(a),) * n)
+    if category == "colour":
+        item = Item(a, str(rng.choice(TINTS)))
+        return Prompt(category, _one(item, True), (item,), colour_matters=True)
+    if category == "position":
+        rel = str(rng.choice(RELATIONS))
+        return Prompt(category, f"{_one(Item(a), False)} {rel} {_one(Item(b), False)}", (Item(a), Item(b)),
+                      relation=rel)
+    if category == "colour_attribution":
+        ca, cb = (str(c) for c in rng.choice(TINTS, size=2, replace=False))
+        ia, ib = Item(a, ca), Item(b, cb)
+        return Prompt(category, f"{_one(ia, True)} and {_one(ib, True)}", (ia, ib), colour_matters=True)
+    raise ValueError(f"unknown DigitEval category {category!r}; one of {CATEGORIES}")
+
+
 def make_prompts(per_category: int, seed: int = 0) -> List[Prompt]:
-    """``per_category`` prompts of every category, drawn with ``seed`` (distinct digits where two appear)."""
+    """``per_category`` prompts of every category, drawn with ``seed``."""
     rng = np.random.default_rng(seed)
-    tints = ("red", "green", "blue")
-    out: List[Prompt] = []
-    for category in CATEGORIES:
-        for _ in range(per_category):
-            a, b = (int(x) for x in rng.choice(10, size=2, replace=False))
-            if category == "single":
-                out.append(Prompt(category, _one(Item(a), False), (Item(a),)))
-            elif category == "two":
-                out.append(Prompt(category, f"{_one(Item(a), False)} and {_one(Item(b), False)}", (Item(a), Item(b))))
-            elif category == "counting":
-                n = int(rng.integers(1, 5))
-                caption = _one(Item(a), False) if n == 1 else f"{COUNTS[n]} {PLURALS[a]}"
-                out.append(Prompt(category, caption, (Item(a),) * n))
-            elif category == "colour":
-                item = Item(a, str(rng.choice(tints)))
-                out.append(Prompt(category, _one(item, True), (item,), colour_matters=True))
-            elif category == "position":
-                rel = str(rng.choice(RELATIONS))
-                out.append(Prompt(category, f"{_one(Item(a), False)} {rel} {_one(Item(b), False)}",
-                                  (Item(a), Item(b)), relation=rel))
-            else:
-                ca, cb = (str(c) for c in rng.choice(tints, size=2, replace=False))
-                ia, ib = Item(a, ca), Item(b, cb)
-                out.append(Prompt(category, f"{_one(ia, True)} and {_one(ib, True)}", (ia, ib), colour_matters=True))
+    return [draw_prompt(category, rng) for category in CATEGORIES for _ in range(per_category)]
+
+
+def all_captions() -> List[str]:
+    """Every caption :func:`draw_prompt` can write, each once, in a fixed order (for encoding them once)."""
+    out = []
+    for a in range(10):
+        out.append(_one(Item(a), False))
+        out += [f"{COUNTS[n]} {PLURALS[a]}" for n in range(2, 5)]
+        out += [_one(Item(a, t), True) for t in TINTS]
+        for b in range(10):
+            if b == a:
+                continue
+            out.append(f"{_one(Item(a), False)} and {_one(Item(b), False)}")
+            out += [f"{_one(Item(a), False)} {rel} {_one(Item(b), False)}" for rel in RELATIONS]
+            out += [f"{_one(Item(a, ta), True)} and {_one(Item(b, tb), True)}"
+                    for ta in TINTS for tb in TINTS if ta != tb]
     return out
 
 
@@ -214,3 +235,37 @@ def score(prompts: Sequence[Prompt], canvases: Sequence[np.ndarray], reader: Slo
     result = {c: float(np.mean(v)) for c, v in hits.items() if v}
     result["overall"] = float(np.mean([result[c] for c in CATEGORIES if c in result]))
     return result
+
+
+# ----------------------------------------------------------------------------- prompt files
+
+
+def prompt_to_json(prompt: Prompt) -> Dict:
+    return {"category": prompt.category, "caption": prompt.caption,
+            "items": [[it.digit, it.colour] for it in prompt.items], "relation": prompt.relation,
+            "colour_matters": prompt.colour_matters}
+
+
+def prompt_from_json(data: Dict) -> Prompt:
+    """A prompt of a DigitEval prompt file; ValueError (one line) for anything that is not one."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    category = data.get("category")
+    if category not in CATEGORIES:
+        raise ValueError(f"category {category!r} is not one of {', '.join(CATEGORIES)}")
+    caption = data.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError("no caption")
+    items = data.get("items")
+    if not isinstance(items, list) or not 1 <= len(items) <= len(SLOTS):
+        raise ValueError(f"items must list 1..{len(SLOTS)} [digit, colour] pairs")
+    parsed = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and 0 <= item[0] <= 9
+                and item[1] in COLOURS):
+            raise ValueError(f"item {item!r} is not [digit 0..9, one of {', '.join(COLOURS)}]")
+        parsed.append(Item(item[0], item[1]))
+    relation = data.get("relation")
+    if (relation is not None or category == "position") and (relation not in RELATIONS or len(parsed) != 2):
+        raise ValueError(f"relation {relation!r}: position prompts need one of {', '.join(RELATIONS)} and two items")
+    return Prompt(category, caption, tuple(parsed), relation, bool(data.get("colour_matters", False)))

@@ -15,53 +15,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d2m_dist.digits.card import (
-    GRID,
-    IMAGE_SIZE,
-    LATENT_CHANNELS,
-    PretrainConfig,
-    teacher_card,
-)
+from d2m_dist.digits.card import PretrainConfig, teacher_card
 from d2m_dist.digits.classifier import digit_accuracy
-from d2m_dist.digits.data import DIGIT_WORDS, digit_captions
-from d2m_dist.digits.text_encoder import empty_caption_encoding, encode_captions
+from d2m_dist.digits.data import DIGIT_WORDS, digit_caption
+from d2m_dist.digits.digiteval_run import trainer_grid as digiteval_trainer_grid
+from d2m_dist.digits.draw import draw
 from d2m_dist.distill.teacher_kinds import GridRequest
 from d2m_dist.models.moe import set_top_k
-from d2m_dist.models.sampling import (
-    SamplerConfig,
-    euler_sample,
-    latents_to_pixels,
-    unit_to_uint8,
-)
+from d2m_dist.models.sampling import SamplerConfig, unit_to_uint8
 
 
 def sample_digits(model: torch.nn.Module, labels: Sequence[int], sampler: SamplerConfig,
-                  max_tokens: int) -> torch.Tensor:
-    """Images ``[B, 8, 8]`` in (about) [-1, 1], one per prompted digit label."""
-    embeds, pooled = encode_captions(digit_captions(), max_tokens)
-    labels = torch.as_tensor(labels, dtype=torch.int64)
-    empty_embeds, empty_pooled = empty_caption_encoding(max_tokens)
-    packed = euler_sample(
-        model, embeds[labels], pooled[labels], grid=GRID, channels=LATENT_CHANNELS, cfg=sampler,
-        uncond_embeds=empty_embeds, uncond_pooled=empty_pooled,
-    )
-    return latents_to_pixels(packed.cpu(), IMAGE_SIZE, IMAGE_SIZE)
+                  card: PretrainConfig) -> torch.Tensor:
+    """Images ``[B, 8, 8]`` in (about) [-1, 1], one per prompted digit label (a "digits" task teacher)."""
+    return draw(model, [digit_caption(int(d)) for d in labels], card, sampler)[:, 0]
 
 
-def evaluate_teacher(model: torch.nn.Module, n_per_digit: int = 20, guidance_scale: float = 1.0, steps: int = 20,
-                     seed: int = 0, *, max_tokens: int = 8, embedded_guidance: float = 1.0,
-                     shift: bool = False) -> float:
+def evaluate_teacher(model: torch.nn.Module, card: PretrainConfig, n_per_digit: int = 20,
+                     guidance_scale: float = 1.0, steps: int = 20, seed: int = 0, shift: bool = False) -> float:
     """Digit accuracy of ``n_per_digit`` samples of each digit (any model callable through call_flux)."""
     labels = torch.arange(len(DIGIT_WORDS)).repeat_interleave(n_per_digit)
     sampler = SamplerConfig(steps=steps, guidance_scale=guidance_scale, shift=shift,
-                            embedded_guidance=embedded_guidance, seed=seed)
-    was_training = model.training
-    model.eval()
-    try:
-        images = sample_digits(model, labels, sampler, max_tokens)
-    finally:
-        model.train(was_training)
-    return digit_accuracy(images, labels)
+                            embedded_guidance=card.embedded_guidance, seed=seed)
+    return digit_accuracy(sample_digits(model, labels, sampler, card), labels)
 
 
 @dataclass
@@ -75,8 +51,7 @@ class EvalConfig:
 def _sample(model, card: PretrainConfig, cfg: EvalConfig, labels: torch.Tensor) -> torch.Tensor:
     sampler = SamplerConfig(steps=cfg.steps, guidance_scale=cfg.guidance_scale, embedded_guidance=card.embedded_guidance,
                             seed=cfg.seed)
-    model.eval()
-    return sample_digits(model, labels.tolist(), sampler, card.max_tokens)
+    return sample_digits(model, labels.tolist(), sampler, card)
 
 
 def evaluate(models: Sequence[Tuple[str, torch.nn.Module]], card: PretrainConfig,
@@ -125,12 +100,15 @@ def save_grid(images: Sequence[torch.Tensor], n_per_digit: int, path: str | Path
 
 def trainer_grid(request: GridRequest) -> Dict[str, float]:
     """The stage trainer's teacher/student grid for a digits teacher (one image per digit and
-    model in the PNG; ``count // 10`` samples per digit scored). Collective: every rank samples."""
+    model in the PNG; ``count // 10`` samples per digit scored); DigitEval's for a "digiteval" teacher.
+    Collective: every rank samples."""
+    card = teacher_card(request.teacher_path)
+    if card.task == "digiteval":
+        return digiteval_trainer_grid(request, card)
     n = max(1, request.count // 10)
     cfg = EvalConfig(n_per_digit=n, steps=request.steps, seed=0)
     with request.autocast():
-        accuracy, images = evaluate([("teacher", request.teacher), ("student", request.student)],
-                                    teacher_card(request.teacher_path), cfg)
+        accuracy, images = evaluate([("teacher", request.teacher), ("student", request.student)], card, cfg)
     if request.is_main:
         save_grid(images, n, request.out)
     return {f"digit_accuracy/{k}": v for k, v in accuracy.items()}

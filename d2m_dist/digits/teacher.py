@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from d2m_dist.digits.card import CARD_FILE, PretrainConfig
-from d2m_dist.digits.data import digits_training_set, sample_batch
+from d2m_dist.digits.data import sample_batch
+from d2m_dist.digits.digiteval import make_prompts
+from d2m_dist.digits.digiteval_run import read_scores, sample_prompts
 from d2m_dist.digits.evaluate import evaluate_teacher
+from d2m_dist.digits.tasks import training_set
 from d2m_dist.digits.text_encoder import TEXT_ENCODER_NAME
 from d2m_dist.models.flow import noised_inputs
 from d2m_dist.models.flux import build_flux, call_flux
@@ -60,7 +63,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     torch.manual_seed(cfg.seed)  # the model's initialisation
     model = build_flux(cfg.flux_config()).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    data = digits_training_set(cfg.max_tokens)
+    data = training_set(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -122,29 +125,36 @@ def _write_teacher(model: torch.nn.Module, out: Path, cfg: PretrainConfig, extra
         "transformer": ["diffusers", "FluxTransformer2DModel"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    side, channels = cfg.image_size, cfg.pixel_channels
     card = {
         "preset": "digits",
         "text_encoder": TEXT_ENCODER_NAME,
-        "pixels": "8x8 grayscale in [-1, 1] (uint8 / 127.5 - 1), packed 2x2 -> 16 tokens x 4 channels",
+        "pixels": f"{side}x{side} {'grayscale' if channels == 1 else 'RGB'} in [-1, 1] (uint8 / 127.5 - 1), packed "
+                  f"2x2 -> {cfg.grid[0] * cfg.grid[1]} tokens x {cfg.latent_channels} channels",
         "pretrain": dataclasses.asdict(cfg),
         **(extra or {}),
     }
     (out / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
-def pretrain_teacher(cfg: PretrainConfig, out: str | Path, eval_per_digit: int = 20,
-                     eval_scales: Tuple[float, ...] = (1.0,)) -> Tuple[PretrainResult, Dict[str, float]]:
+def teacher_quality(model: torch.nn.Module, cfg: PretrainConfig, per_class: int, scale: float) -> object:
+    """What the card records of a teacher's samples at CFG ``scale``: the "digits" task's digit accuracy
+    (``per_class`` samples per digit), the "digiteval" task's DigitEval scores (``per_class`` prompts per category)."""
+    if cfg.task == "digiteval":
+        prompts = make_prompts(per_class, seed=0)
+        return read_scores(prompts, sample_prompts(model, prompts, cfg, seed=0, guidance=scale, steps=20).canvases)
+    return evaluate_teacher(model, cfg, per_class, scale)
+
+
+def pretrain_teacher(cfg: PretrainConfig, out: str | Path, eval_per_class: int = 20,
+                     eval_scales: Tuple[float, ...] = (1.0,)) -> Tuple[PretrainResult, Dict[str, object]]:
     """Train, evaluate the EMA teacher at each CFG scale, and save it with the numbers in its card."""
     result = pretrain(cfg)
-    accuracy = {
-        f"cfg{scale:g}": evaluate_teacher(result.ema, eval_per_digit, scale, max_tokens=cfg.max_tokens,
-                                          embedded_guidance=cfg.embedded_guidance)
-        for scale in eval_scales
-    }
+    quality = {f"cfg{scale:g}": teacher_quality(result.ema, cfg, eval_per_class, scale) for scale in eval_scales}
     save_teacher(result.ema, out, cfg, extra={
         "parameters": count_parameters(result.ema),
         "train_seconds": round(result.seconds, 1),
         "final_loss": sum(result.losses[-50:]) / len(result.losses[-50:]),
-        "digit_accuracy": accuracy,
+        "digiteval" if cfg.task == "digiteval" else "digit_accuracy": quality,
     })
-    return result, accuracy
+    return result, quality

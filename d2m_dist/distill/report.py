@@ -20,7 +20,8 @@ def run_summary(run_dir: str | Path) -> Dict:
     out: Dict = {"run_dir": str(run), "stages": {}}
     teacher_card = _read(run / "teacher" / "d2m_teacher.json")
     if teacher_card:
-        out["teacher"] = {k: teacher_card.get(k) for k in ("parameters", "train_seconds", "final_loss", "digit_accuracy")}
+        out["teacher"] = {k: teacher_card.get(k) for k in ("parameters", "train_seconds", "final_loss", "digit_accuracy",
+                                                           "digiteval") if k in teacher_card}
     for s in (1, 2, 3):
         summ = _read(run / f"stage{s}" / "summary.json")
         if not summ:
@@ -37,6 +38,8 @@ def run_summary(run_dir: str | Path) -> Dict:
             "wandb_run_id": summ.get("wandb_run_id"),
             # samples read and skipped as bad input, by reason (the digits source reads no files: 0)
             "data": summ.get("data"),
+            # the end-of-stage grid's scores, teacher and student from the same noise (digits: digit accuracy)
+            "samples": summ.get("samples"),
         }
         stage["loss_fell"] = bool(loss) and stage["loss_last"] < stage["loss_first"]
         fixed = summ.get("fixed_batch_loss") or {}
@@ -49,6 +52,14 @@ def run_summary(run_dir: str | Path) -> Dict:
     ev = _read(run / "eval.json")
     if ev:
         out["evaluation"] = ev
+    digiteval = {}
+    for folder in sorted((run / "eval").glob("*/")) if (run / "eval").is_dir() else []:
+        result = _read(folder / "eval.json")  # `d2m eval` of one model (launchers/digiteval.sh)
+        if result:
+            digiteval[folder.name] = {"overall": {g: v["summary"]["overall"] for g, v in result["scores"].items()},
+                                      "row": result.get("row")}
+    if digiteval:
+        out["digiteval"] = digiteval
     return out
 
 

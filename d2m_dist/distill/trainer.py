@@ -199,6 +199,7 @@ class StageTrainer:
         self.skipped_steps = 0
         self.history: Dict[str, list] = {"loss": []}
         self.fixed_loss: Dict[str, float] = {}  # the stage's loss on fixed batches: "start" and "end"
+        self.sample_metrics: Dict[str, float] = {}  # what the last sample grid scored (digits: accuracy, DigitEval)
         self._t_teacher = self._c_teacher = 0.0
         self.last_load: Dict[str, Dict[str, float]] = {}
         self._signal = None
@@ -480,6 +481,7 @@ class StageTrainer:
                                                self.cfg.log.sample_count, self.cfg.log.sample_steps, out,
                                                self.info.is_main, self._autocast))
         self.student.train(was_training)
+        self.sample_metrics = dict(metrics)
         if not self.info.is_main:
             return None
         self.tracker.log_image("samples", out, self.step)
@@ -550,6 +552,7 @@ class StageTrainer:
         return {
             "stage": self.cfg.stage, "step": self.step, "skipped_steps": self.skipped_steps,
             "fixed_batch_loss": self.fixed_loss,
+            "samples": self.sample_metrics,  # the end-of-stage sample grid's scores: what the stage cost in quality
             "first_loss": self.history["loss"][0] if self.history["loss"] else None,
             "last_loss": self.history["loss"][-1] if self.history["loss"] else None,
             "max_over_mean_expert_load": {k: v["max_over_mean"] for k, v in load.items()},

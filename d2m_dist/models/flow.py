@@ -65,11 +65,14 @@ def sample_timesteps(batch: int, image_tokens: int, generator: torch.Generator, 
     return t.clamp(1e-4, 1 - 1e-4)
 
 
-def noised_inputs(batch: FlowBatch, generator: torch.Generator, shift: bool = True) -> Tuple[FluxInputs, torch.Tensor]:
-    """(model inputs at a sampled t, velocity target)."""
+def noised_inputs(batch: FlowBatch, generator: torch.Generator, shift: bool = True,
+                  timesteps: Optional[torch.Tensor] = None) -> Tuple[FluxInputs, torch.Tensor]:
+    """(model inputs at a sampled t, or at ``timesteps`` [B] when given; velocity target)."""
     z = batch.latents
     noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z)
-    t = sample_timesteps(z.shape[0], z.shape[1], generator, shift).to(z.device)
+    if timesteps is None:
+        timesteps = sample_timesteps(z.shape[0], z.shape[1], generator, shift)
+    t = timesteps.to(z.device)
     tt = t.to(z.dtype)[:, None, None]
     x_t = (1 - tt) * z + tt * noise
     inputs = FluxInputs(

@@ -81,17 +81,17 @@ class FlowToDigit(torch.nn.Module):
 
 def test_evaluate_reads_what_the_model_draws():
     # a model that draws each prompted digit: every sample reads right; one that always draws a zero: 1 in 10
-    assert evaluate_teacher(FlowToDigit(lambda d: d), n_per_digit=2, steps=3) == 1.0
-    assert evaluate_teacher(FlowToDigit(lambda d: 0), n_per_digit=2, steps=3) == pytest.approx(0.1)
+    assert evaluate_teacher(FlowToDigit(lambda d: d), PretrainConfig(), n_per_digit=2, steps=3) == 1.0
+    assert evaluate_teacher(FlowToDigit(lambda d: 0), PretrainConfig(), n_per_digit=2, steps=3) == pytest.approx(0.1)
 
 
 def test_evaluate_runs_on_any_model(quick_run):
     _, result = quick_run
     # the same seed, the same samples, the same score (its meaning: test_evaluate_reads_what_the_model_draws)
-    assert evaluate_teacher(result.ema, n_per_digit=2, guidance_scale=2.0, steps=2) == \
-        evaluate_teacher(result.ema, n_per_digit=2, guidance_scale=2.0, steps=2)
+    assert evaluate_teacher(result.ema, PretrainConfig(), n_per_digit=2, guidance_scale=2.0, steps=2) == \
+        evaluate_teacher(result.ema, PretrainConfig(), n_per_digit=2, guidance_scale=2.0, steps=2)
     assert result.model.training  # evaluation leaves the mode as it found it
-    evaluate_teacher(result.model, n_per_digit=1, steps=1)
+    evaluate_teacher(result.model, PretrainConfig(), n_per_digit=1, steps=1)
     assert result.model.training
 
 

@@ -285,3 +285,26 @@ def test_teacher_without_guidance_embedding_through_every_stage(tmp_path):
     assert rc == 0
     assert set(json.loads((tmp_path / "eval.json").read_text())["accuracy"]) == {"teacher", "student", "student_k0"}
     assert Path(tmp_path / "g.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- a DigitEval teacher
+
+
+@pytest.mark.multiproc
+def test_a_stage_on_a_digiteval_teacher_trains_on_canvases_and_reports_digiteval(tmp_path, digiteval_teacher,
+                                                                                  digiteval_student):
+    """data.source=digits follows the teacher's task: 16x16 RGB compositions; the end-of-stage grid is scored by
+    DigitEval and lands in the stage summary and the run summary (what the stage cost in quality)."""
+    from d2m_dist.distill.report import run_summary
+
+    d = tmp_path / "stage1"
+    d.mkdir()
+    p = launch(stage_config(d, digiteval_teacher, digiteval_student, stage=1), 1, "steps=2", "data.batch_size=4",
+               "data.source=digits", "log.sample_count=6", "log.sample_steps=2")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    got = summary(d / "run", stage=1)
+    assert got["step"] == 2 and set(got["samples"]) == {"digiteval/teacher", "digiteval/student"}
+    assert all(0.0 <= v <= 1.0 for v in got["samples"].values())
+    assert run_summary(d / "run")["stages"]["stage1"]["samples"] == got["samples"]
+    grid = d / "run" / "stage1" / "samples" / "step_000002.png"
+    assert grid.is_file()  # teacher and student rows, a column per category
