@@ -245,3 +245,14 @@ def test_prompts_sharded_over_two_ranks_give_the_one_rank_images_and_a_failure_s
     for rank in range(2):
         assert (tmp_path / f"failed{rank}").read_text().startswith("[rank 1] student not found")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["failed0", "failed1", "one", "two"]
+
+
+def test_generate_on_a_digiteval_teacher_draws_its_rgb_canvases(digiteval_teacher, digiteval_student, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--student", str(digiteval_student), "--pipeline", str(digiteval_teacher), "--prompt",
+                 "a red three and a blue seven", "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "generate.json").read_text())
+    assert (result["height"], result["width"]) == (16, 16)
+    assert np.asarray(Image.open(out / "student/00000.png")).shape == (16, 16, 3)
+    assert main(["generate", "--student", str(digiteval_student), "--pipeline", str(digiteval_teacher), "--prompt",
+                 "a seven", "--height", "8", "--out", str(tmp_path / "bad")]) == 2
